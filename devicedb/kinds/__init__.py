@@ -1,0 +1,41 @@
+"""Device kinds. Each kind is one module with the same small interface:
+
+- ``FINGERPRINT_DOMAIN``: the namespace its secrets share for duplicate detection;
+- ``code_lengths(device)``: which typed lengths the device could accept;
+- ``match(device, secret, code, now, window)``: None, or a Match saying how the
+  device's replay state advances (or that the code is a replay).
+
+Modules are imported on first use, so a login pays only for the kinds it needs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+
+from devicedb.models import Advance
+
+_MODULES = {
+    "totp": "devicedb.kinds.totp",
+}
+
+KIND_NAMES = tuple(_MODULES)
+
+
+@dataclass(frozen=True)
+class Match:
+    advance: Advance
+    replay: bool
+    # Steps or counters between the expected position and the matched one, for the audit row.
+    offset: int = 0
+
+
+def get_kind(name: str) -> ModuleType | None:
+    module = _MODULES.get(name)
+    return importlib.import_module(module) if module else None
+
+
+def is_digit_code(code: str, length: int) -> bool:
+    """An exact ASCII digit string of the given length: no sign, no spaces, no fullwidth digits."""
+    return len(code) == length and code.isascii() and code.isdigit()

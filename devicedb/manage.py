@@ -1,0 +1,214 @@
+"""Enrollment and device management, as used by `mfa-admin`.
+
+Each operation canonicalises the user name, changes state and writes its audit
+row in one transaction, or changes nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+from devicedb import backup_codes
+from devicedb.errors import InvalidInput
+from devicedb.kinds import totp
+from devicedb.models import Context, Device, LockState, Requirement
+from devicedb.policy import grace_applies, is_exempt
+from devicedb.store import Store
+from devicedb.usernames import canonical_user
+
+
+@dataclass(frozen=True)
+class TotpEnrollment:
+    device: Device
+    secret_b32: str
+    uri: str
+
+
+@dataclass(frozen=True)
+class UserStatus:
+    user: str
+    requirement: Requirement
+    requirement_reason: str
+    devices: list[Device]
+    lock: LockState
+    locked_now: bool
+    backup_codes_left: int
+
+    def as_dict(self) -> dict[str, Any]:
+        def iso(ts: float | None) -> str | None:
+            return None if ts is None else dt.datetime.fromtimestamp(ts, dt.UTC).isoformat()
+
+        return {
+            "user": self.user,
+            "requirement": self.requirement.value,
+            "requirement_reason": self.requirement_reason,
+            "active_devices": sum(1 for d in self.devices if d.usable),
+            "devices": [d.public_dict() for d in self.devices],
+            "locked": self.locked_now,
+            "hard_locked": self.lock.hard_locked,
+            "locked_until": iso(self.lock.locked_until),
+            "failures": self.lock.failures,
+            "consecutive_failures": self.lock.consecutive_failures,
+            "last_failure_at": iso(self.lock.last_failure_at),
+            "last_success_at": iso(self.lock.last_success_at),
+            "backup_codes_left": self.backup_codes_left,
+        }
+
+
+class DeviceManager:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.settings = store.settings
+
+    def canonical(self, raw_user: str) -> str:
+        return canonical_user(raw_user, self.settings.usernames)
+
+    # -- enrollment ------------------------------------------------------------------
+    def enroll_totp(
+        self,
+        raw_user: str,
+        context: Context,
+        *,
+        label: str | None = None,
+        digits: int | None = None,
+        algorithm: str | None = None,
+        period: int | None = None,
+        pending: bool = True,
+        secret: bytes | None = None,
+    ) -> TotpEnrollment:
+        user = self.canonical(raw_user)
+        defaults = self.settings.totp
+        digits = defaults.digits if digits is None else digits
+        algorithm = (defaults.algorithm if algorithm is None else algorithm).lower()
+        period = defaults.period if period is None else period
+        totp.validate_params(digits, algorithm, period)
+        if secret is None:
+            secret = totp.new_secret()
+        elif len(secret) < 16:
+            raise InvalidInput("a TOTP secret must be at least 128 bits (16 bytes)")
+        label = label or "TOTP app"
+        with self.store.transaction() as tx:
+            device_id = tx.insert_device(
+                user=user,
+                kind=totp.KIND,
+                label=label,
+                secret=secret,
+                fingerprint_domain=totp.FINGERPRINT_DOMAIN,
+                fingerprint_material=secret,
+                max_devices=self.settings.max_devices,
+                algorithm=algorithm,
+                digits=digits,
+                period=period,
+                pending=pending,
+            )
+            tx.audit(
+                "device_added",
+                user,
+                context,
+                device_id=device_id,
+                reason="pending confirmation" if pending else "active",
+                detail={"kind": totp.KIND, "digits": digits, "algorithm": algorithm, "period": period},
+            )
+            device = tx.device(user, device_id)
+        uri = totp.provisioning_uri(
+            secret, user=user, issuer=self.settings.issuer, digits=digits, algorithm=algorithm, period=period
+        )
+        return TotpEnrollment(device, totp.b32(secret), uri)
+
+    def discard_pending(self, raw_user: str, device_id: int, context: Context) -> bool:
+        """Remove an enrollment that was never confirmed. False if it is no longer pending."""
+        user = self.canonical(raw_user)
+        with self.store.transaction() as tx:
+            device = tx.device(user, device_id)
+            if not device.pending:
+                return False
+            tx.remove(user, device_id)
+            tx.audit("device_removed", user, context, device_id=device_id, reason="enrollment not confirmed")
+        return True
+
+    # -- management --------------------------------------------------------------------
+    def list_devices(self, raw_user: str | None = None) -> list[Device]:
+        return self.store.list_devices(None if raw_user is None else self.canonical(raw_user))
+
+    def set_enabled(self, raw_user: str, device_id: int, enabled: bool, context: Context) -> bool:
+        user = self.canonical(raw_user)
+        with self.store.transaction() as tx:
+            changed = tx.set_enabled(user, device_id, enabled)
+            if changed:
+                event = "device_enabled" if enabled else "device_disabled"
+                tx.audit(event, user, context, device_id=device_id, reason="by administrator")
+        return changed
+
+    def rename(self, raw_user: str, device_id: int, label: str, context: Context) -> str:
+        user = self.canonical(raw_user)
+        with self.store.transaction() as tx:
+            old = tx.device(user, device_id).label
+            new = tx.rename(user, device_id, label)
+            tx.audit("device_renamed", user, context, device_id=device_id, detail={"old": old, "new": new})
+        return new
+
+    def remove(self, raw_user: str, device_id: int, context: Context) -> Device:
+        user = self.canonical(raw_user)
+        with self.store.transaction() as tx:
+            device = tx.remove(user, device_id)
+            tx.audit(
+                "device_removed",
+                user,
+                context,
+                device_id=device_id,
+                reason="by administrator",
+                detail={"kind": device.kind, "label": device.label},
+            )
+        return device
+
+    # -- backup codes --------------------------------------------------------------------
+    def generate_backup_codes(self, raw_user: str, context: Context) -> list[str]:
+        """A new set of codes, shown once; the old set is void from the same commit."""
+        user = self.canonical(raw_user)
+        codes = backup_codes.generate()
+        salt = backup_codes.new_salt()
+        digests = [backup_codes.digest(code, salt) for code in codes]
+        with self.store.transaction() as tx:
+            voided = tx.replace_backup_codes(user, salt, digests)
+            tx.audit(
+                "backup_codes_generated",
+                user,
+                context,
+                reason="new set",
+                detail={"count": len(codes), "voided_unused": voided},
+            )
+        return [backup_codes.display(c) for c in codes]
+
+    # -- lockout and status --------------------------------------------------------------
+    def unlock(self, raw_user: str, context: Context) -> LockState:
+        user = self.canonical(raw_user)
+        with self.store.transaction() as tx:
+            before = tx.unlock(user)
+            tx.audit(
+                "unlock",
+                user,
+                context,
+                reason="by administrator",
+                detail={"was_hard_locked": before.hard_locked, "consecutive_failures": before.consecutive_failures},
+            )
+        return before
+
+    def status(self, raw_user: str) -> UserStatus:
+        user = self.canonical(raw_user)
+        rules = self.settings.enforcement
+        with self.store.transaction() as tx:
+            devices = tx.devices(user)
+            lock = tx.lock_state(user)
+            left = tx.backup_codes_left(user)
+            now = tx.now
+        exempt = is_exempt(user, rules, self.settings.usernames)
+        grace = grace_applies(user, rules, self.settings.usernames, now)
+        if exempt:
+            requirement, why = Requirement.EXEMPT, exempt
+        elif grace and not devices:
+            requirement, why = Requirement.GRACE, grace
+        else:
+            requirement, why = Requirement.REQUIRED, "second factor required"
+        return UserStatus(user, requirement, why, devices, lock, lock.locked_at(now), left)

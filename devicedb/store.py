@@ -1,0 +1,501 @@
+"""The device store: the only code that runs SQL against the mfaguard database.
+
+Every state change and the audit row that records it share one ``BEGIN IMMEDIATE``
+transaction. Replay state only moves forward through a conditional UPDATE whose
+row count decides.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from devicedb import audit, schema
+from devicedb.errors import (
+    DatabaseError,
+    DeviceLimitError,
+    DuplicateDeviceError,
+    InvalidInput,
+    NotFound,
+    SchemaError,
+    UnsafePathError,
+)
+from devicedb.fsafety import check_file, check_folder, make_private_dir
+from devicedb.keyring import Keyring
+from devicedb.models import Advance, AuditRow, Context, Device, LockState
+from devicedb.settings import LockoutSettings, Settings
+
+Clock = Callable[[], float]
+
+# The only columns an Advance may move.
+_ADVANCE_FIELDS = frozenset({"last_step", "next_counter", "sign_count"})
+_EXTRA_FIELDS = frozenset({"drift"})
+MAX_LABEL_CHARS = 64
+
+_DEVICE_COLUMNS = (
+    "id, user, kind, label, algorithm, digits, period, secret, last_step, next_counter, sign_count,"
+    " drift, params, enabled, pending, created_at, last_used_at"
+)
+
+
+def _device(r: tuple[Any, ...]) -> Device:
+    try:
+        params = json.loads(r[12]) if r[12] else {}
+    except ValueError:
+        params = {"unreadable": True}
+    return Device(
+        id=r[0],
+        user=r[1],
+        kind=r[2],
+        label=r[3],
+        algorithm=r[4],
+        digits=r[5],
+        period=r[6],
+        sealed_secret=r[7],
+        last_step=r[8],
+        next_counter=r[9],
+        sign_count=r[10],
+        drift=r[11] or 0,
+        params=params if isinstance(params, dict) else {"unreadable": True},
+        enabled=bool(r[13]),
+        pending=bool(r[14]),
+        created_at=r[15],
+        last_used_at=r[16],
+    )
+
+
+def check_label(label: str) -> str:
+    if not isinstance(label, str) or not label.strip() or len(label) > MAX_LABEL_CHARS or not label.isprintable():
+        raise InvalidInput(f"label {label!r} is not allowed; use 1 to {MAX_LABEL_CHARS} printable characters")
+    return label.strip()
+
+
+@dataclass(frozen=True)
+class InitReport:
+    created_folders: tuple[str, ...]
+    created_key: bool
+    created_database: bool
+    migrated_to: tuple[int, ...]
+
+
+class Tx:
+    """One write transaction. Obtained from ``Store.transaction()``."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.conn = store.conn
+        self.keyring = store.keyring
+        self.now = store.clock()
+
+    # -- audit -------------------------------------------------------------
+    def audit(
+        self,
+        event: str,
+        user: str | None,
+        context: Context,
+        *,
+        reason: str | None = None,
+        device_id: int | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> int:
+        merged = dict(context.detail())
+        merged.update(detail or {})
+        return audit.append(
+            self.conn,
+            self.keyring.audit_key,
+            ts=self.now,
+            event=event,
+            user=user,
+            device_id=device_id,
+            service=context.service,
+            source=context.source,
+            reason=reason,
+            detail=merged,
+        )
+
+    # -- devices -----------------------------------------------------------
+    def devices(self, user: str) -> list[Device]:
+        cur = self.conn.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE user = ? ORDER BY id", (user,))
+        return [_device(r) for r in cur]
+
+    def device(self, user: str, device_id: int) -> Device:
+        r = self.conn.execute(
+            f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE id = ? AND user = ?", (device_id, user)
+        ).fetchone()
+        if r is None:
+            raise NotFound(f"user {user!r} has no device {device_id}; see `mfa-admin devices list {user}`")
+        return _device(r)
+
+    def open_secret(self, device: Device) -> bytes:
+        if device.sealed_secret is None:
+            raise InvalidInput(f"device {device.id} has no secret")
+        return self.keyring.open(device.id, device.user, device.sealed_secret)
+
+    def insert_device(
+        self,
+        *,
+        user: str,
+        kind: str,
+        label: str,
+        secret: bytes | None,
+        fingerprint_domain: str,
+        fingerprint_material: bytes,
+        max_devices: int,
+        algorithm: str | None = None,
+        digits: int | None = None,
+        period: int | None = None,
+        next_counter: int | None = None,
+        sign_count: int | None = None,
+        params: dict[str, Any] | None = None,
+        pending: bool = False,
+    ) -> int:
+        """Insert a device, enforcing the limit and uniqueness in this same transaction."""
+        label = check_label(label)
+        (count,) = self.conn.execute("SELECT COUNT(*) FROM devices WHERE user = ?", (user,)).fetchone()
+        if count >= max_devices:
+            raise DeviceLimitError(
+                f"user {user!r} already has {count} devices, the maximum (max_devices = {max_devices}); "
+                f"remove one first with `mfa-admin devices remove {user} ID`"
+            )
+        fingerprint = self.keyring.fingerprint(fingerprint_domain, fingerprint_material)
+        if self.conn.execute("SELECT 1 FROM devices WHERE fingerprint = ?", (fingerprint,)).fetchone():
+            raise DuplicateDeviceError("this secret or credential is already enrolled; each device must be unique")
+        cur = self.conn.execute(
+            "INSERT INTO devices (user, kind, label, algorithm, digits, period, fingerprint, next_counter,"
+            " sign_count, params, pending, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                user,
+                kind,
+                label,
+                algorithm,
+                digits,
+                period,
+                fingerprint,
+                next_counter,
+                sign_count,
+                json.dumps(params or {}, sort_keys=True),
+                int(pending),
+                self.now,
+            ),
+        )
+        device_id = int(cur.lastrowid or 0)
+        if secret is not None:
+            # The seal binds the id, known only now, and the user.
+            sealed = self.keyring.seal(device_id, user, secret)
+            self.conn.execute("UPDATE devices SET secret = ? WHERE id = ?", (sealed, device_id))
+        return device_id
+
+    def advance(self, device: Device, advance: Advance) -> bool:
+        """Move replay state forward. False when another process got there first."""
+        if advance.field not in _ADVANCE_FIELDS or not set(advance.extra) <= _EXTRA_FIELDS:
+            raise ValueError(f"cannot advance {advance.field}")
+        assignments = [f"{advance.field} = ?", "last_used_at = ?"]
+        args: list[Any] = [advance.new_value, self.now]
+        for name, value in sorted(advance.extra.items()):
+            assignments.append(f"{name} = ?")
+            args.append(value)
+        args += [device.id, device.user, advance.new_value]
+        cur = self.conn.execute(
+            f"UPDATE devices SET {', '.join(assignments)} WHERE id = ? AND user = ? AND enabled = 1"
+            f" AND pending = 0 AND ({advance.field} IS NULL OR {advance.field} < ?)",
+            args,
+        )
+        return cur.rowcount == 1
+
+    def confirm_device(self, device: Device, advance: Advance) -> bool:
+        cur = self.conn.execute(
+            f"UPDATE devices SET pending = 0, {advance.field} = ? WHERE id = ? AND user = ? AND pending = 1",
+            (advance.new_value, device.id, device.user),
+        )
+        return cur.rowcount == 1
+
+    def set_enabled(self, user: str, device_id: int, enabled: bool) -> bool:
+        """Returns False when the device already was in that state."""
+        self.device(user, device_id)
+        cur = self.conn.execute(
+            "UPDATE devices SET enabled = ? WHERE id = ? AND user = ? AND enabled != ?",
+            (int(enabled), device_id, user, int(enabled)),
+        )
+        return cur.rowcount == 1
+
+    def rename(self, user: str, device_id: int, label: str) -> str:
+        label = check_label(label)
+        self.device(user, device_id)
+        self.conn.execute("UPDATE devices SET label = ? WHERE id = ? AND user = ?", (label, device_id, user))
+        return label
+
+    def remove(self, user: str, device_id: int) -> Device:
+        device = self.device(user, device_id)
+        self.conn.execute("DELETE FROM devices WHERE id = ? AND user = ?", (device_id, user))
+        return device
+
+    # -- backup codes --------------------------------------------------------
+    def backup_salt(self, user: str) -> bytes | None:
+        r = self.conn.execute("SELECT salt FROM backup_code_sets WHERE user = ?", (user,)).fetchone()
+        return bytes(r[0]) if r else None
+
+    def replace_backup_codes(self, user: str, salt: bytes, digests: list[bytes]) -> int:
+        """Void the old set and store the new one. Returns how many unused codes were voided."""
+        (voided,) = self.conn.execute(
+            "SELECT COUNT(*) FROM backup_codes WHERE user = ? AND used_at IS NULL", (user,)
+        ).fetchone()
+        self.conn.execute("DELETE FROM backup_codes WHERE user = ?", (user,))
+        self.conn.execute("DELETE FROM backup_code_sets WHERE user = ?", (user,))
+        self.conn.execute(
+            "INSERT INTO backup_code_sets (user, salt, created_at) VALUES (?, ?, ?)", (user, salt, self.now)
+        )
+        self.conn.executemany("INSERT INTO backup_codes (user, digest) VALUES (?, ?)", [(user, d) for d in digests])
+        return int(voided)
+
+    def use_backup_code(self, user: str, salt: bytes, candidate: bytes) -> str | None:
+        """Consume the unused code whose digest is ``candidate``, computed under ``salt``.
+
+        Returns "used" on success, "replay" when it matches a code already used, else None.
+        """
+        current = self.backup_salt(user)
+        if current is None or not hmac.compare_digest(current, salt):
+            return None  # no set, or it was regenerated since the digest was computed
+        hit = None
+        spent = False
+        for code_id, stored, used_at in self.conn.execute(
+            "SELECT id, digest, used_at FROM backup_codes WHERE user = ? ORDER BY id", (user,)
+        ).fetchall():
+            if hmac.compare_digest(bytes(stored), candidate):
+                if used_at is None:
+                    hit = code_id
+                else:
+                    spent = True
+        if hit is None:
+            return "replay" if spent else None
+        cur = self.conn.execute("UPDATE backup_codes SET used_at = ? WHERE id = ? AND used_at IS NULL", (self.now, hit))
+        return "used" if cur.rowcount == 1 else "replay"
+
+    def backup_codes_left(self, user: str) -> int:
+        (n,) = self.conn.execute(
+            "SELECT COUNT(*) FROM backup_codes WHERE user = ? AND used_at IS NULL", (user,)
+        ).fetchone()
+        return int(n)
+
+    def has_backup_codes(self, user: str) -> bool:
+        return self.backup_codes_left(user) > 0
+
+    # -- lockout -------------------------------------------------------------
+    def lock_state(self, user: str) -> LockState:
+        r = self.conn.execute(
+            "SELECT failures, consecutive_failures, locked_until, hard_locked, last_failure_at, last_success_at"
+            " FROM lockout WHERE user = ?",
+            (user,),
+        ).fetchone()
+        if r is None:
+            return LockState()
+        return LockState(r[0], r[1], r[2], bool(r[3]), r[4], r[5])
+
+    def record_failure(self, user: str, rules: LockoutSettings) -> str | None:
+        """Count one failure. Returns 'lock' or 'hard_lock' when this failure locks the user."""
+        state = self.lock_state(user)
+        failures = state.failures + 1
+        consecutive = state.consecutive_failures + 1
+        locked_until = state.locked_until
+        hard = state.hard_locked
+        outcome = None
+        if consecutive >= rules.hard_lock_after:
+            hard = True
+            outcome = "hard_lock"
+        elif failures >= rules.max_failures:
+            locked_until = self.now + rules.lock_seconds
+            failures = 0
+            outcome = "lock"
+        self.conn.execute(
+            "INSERT INTO lockout (user, failures, consecutive_failures, locked_until, hard_locked, last_failure_at)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (user) DO UPDATE SET failures = excluded.failures,"
+            " consecutive_failures = excluded.consecutive_failures, locked_until = excluded.locked_until,"
+            " hard_locked = excluded.hard_locked, last_failure_at = excluded.last_failure_at",
+            (user, failures, consecutive, locked_until, int(hard), self.now),
+        )
+        return outcome
+
+    def record_success(self, user: str) -> None:
+        self.conn.execute(
+            "INSERT INTO lockout (user, last_success_at) VALUES (?, ?) ON CONFLICT (user) DO UPDATE SET"
+            " failures = 0, consecutive_failures = 0, last_success_at = excluded.last_success_at",
+            (user, self.now),
+        )
+
+    def unlock(self, user: str) -> LockState:
+        before = self.lock_state(user)
+        self.conn.execute(
+            "UPDATE lockout SET failures = 0, consecutive_failures = 0, locked_until = NULL, hard_locked = 0"
+            " WHERE user = ?",
+            (user,),
+        )
+        return before
+
+
+class Store:
+    """An open mfaguard database and its sealing key."""
+
+    def __init__(self, conn: sqlite3.Connection, keyring: Keyring, settings: Settings, clock: Clock) -> None:
+        self.conn = conn
+        self.keyring = keyring
+        self.settings = settings
+        self.clock = clock
+        self._lock = threading.RLock()
+
+    # -- opening -------------------------------------------------------------
+    @staticmethod
+    def _connect(settings: Settings, *, create: bool) -> sqlite3.Connection:
+        db = settings.database
+        mode = "rwc" if create else "rw"
+        try:
+            conn = sqlite3.connect(
+                f"file:{db.path}?mode={mode}",
+                uri=True,
+                timeout=db.busy_timeout_ms / 1000,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            conn.execute(f"PRAGMA busy_timeout = {int(db.busy_timeout_ms)}")
+            journal = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(journal).lower() != "wal":
+                raise DatabaseError(f"database {db.path} could not be switched to WAL mode (got {journal})")
+            conn.execute(f"PRAGMA synchronous = {'FULL' if db.synchronous == 'full' else 'NORMAL'}")
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("PRAGMA trusted_schema = OFF")
+        except sqlite3.DatabaseError as exc:
+            raise DatabaseError(f"database {db.path} cannot be opened: {exc}") from None
+        return conn
+
+    @classmethod
+    def open(cls, settings: Settings, *, clock: Clock = time.time) -> Store:
+        """Open an initialised database for use. Never creates or migrates anything."""
+        path = settings.database.path
+        try:
+            check_file(path, "database")
+        except FileNotFoundError:
+            raise SchemaError(f"database {path} does not exist; run `mfa-admin init`") from None
+        keyring = Keyring.load(settings.database.key_file)
+        conn = cls._connect(settings, create=False)
+        try:
+            schema.check_version(conn, path)
+        except BaseException:
+            conn.close()
+            raise
+        return cls(conn, keyring, settings, clock)
+
+    @classmethod
+    def initialise(cls, settings: Settings, *, clock: Clock = time.time) -> InitReport:
+        """Create folders, key file and database with safe modes, or upgrade them. Idempotent."""
+        db_path = settings.database.path
+        key_path = settings.database.key_file
+        created_folders = []
+        for folder, what in ((os.path.dirname(db_path), "database folder"), (os.path.dirname(key_path), "key folder")):
+            if not os.path.lexists(folder):
+                created_folders.append(folder)
+            make_private_dir(folder, what)
+        created_key = Keyring.create(key_path)
+        keyring = Keyring.load(key_path)
+        created_db = not os.path.lexists(db_path)
+        if created_db:
+            fd = os.open(db_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            os.fchmod(fd, 0o600)
+            os.close(fd)
+        check_folder(os.path.dirname(db_path), "database folder")
+        check_file(db_path, "database")
+        conn = cls._connect(settings, create=False)
+        try:
+            applied = schema.migrate(conn, db_path)
+            store = cls(conn, keyring, settings, clock)
+            if applied:
+                with store.transaction() as tx:
+                    event = "init" if created_db or applied[0] == 1 else "migrate"
+                    tx.audit(
+                        event,
+                        None,
+                        Context(service="mfa-admin"),
+                        reason=f"schema version {applied[-1]}",
+                    )
+        finally:
+            conn.close()
+        return InitReport(tuple(created_folders), created_key, created_db, tuple(applied))
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- transactions --------------------------------------------------------
+    @contextmanager
+    def transaction(self) -> Iterator[Tx]:
+        """A write transaction: BEGIN IMMEDIATE ... COMMIT, rolled back on any exception."""
+        with self._lock:
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise DatabaseError(f"database {self.settings.database.path} is busy or locked: {exc}") from None
+            try:
+                yield Tx(self)
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            try:
+                self.conn.execute("COMMIT")
+            except sqlite3.DatabaseError as exc:
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                raise DatabaseError(f"database {self.settings.database.path}: commit failed: {exc}") from None
+
+    # -- read-only views for the admin tool --------------------------------------
+    def list_devices(self, user: str | None = None) -> list[Device]:
+        with self._lock:
+            if user is None:
+                cur = self.conn.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY user, id")
+            else:
+                cur = self.conn.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE user = ? ORDER BY id", (user,))
+            return [_device(r) for r in cur]
+
+    def users_with_usable_devices(self) -> set[str]:
+        with self._lock:
+            cur = self.conn.execute("SELECT DISTINCT user FROM devices WHERE enabled = 1 AND pending = 0")
+            return {r[0] for r in cur}
+
+    def lock_state(self, user: str) -> LockState:
+        with self.transaction() as tx:
+            return tx.lock_state(user)
+
+    def backup_codes_left(self, user: str) -> int:
+        with self.transaction() as tx:
+            return tx.backup_codes_left(user)
+
+    def audit_rows(
+        self,
+        *,
+        user: str | None = None,
+        since: float | None = None,
+        after_id: int | None = None,
+        limit: int | None = None,
+    ) -> list[AuditRow]:
+        with self._lock:
+            return list(audit.rows(self.conn, user=user, since=since, after_id=after_id, limit=limit))
+
+    def verify_audit(self) -> audit.ChainReport:
+        with self._lock:
+            self.conn.execute("BEGIN")  # one consistent snapshot of the whole chain
+            try:
+                return audit.verify(self.conn, self.keyring.audit_key)
+            finally:
+                self.conn.execute("ROLLBACK")
+
+
+__all__ = ["InitReport", "Store", "Tx", "UnsafePathError"]

@@ -1,0 +1,236 @@
+"""The one decision path every front end calls.
+
+Order, inside one ``BEGIN IMMEDIATE`` transaction:
+lockout first, then the user's devices, then the code, then the replay-state
+advance whose row count decides, then the failure counter, then the audit row.
+Any exception becomes ``Result.ERROR``: nothing here ever fails open.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from devicedb import backup_codes
+from devicedb.errors import InvalidUserName, MfaguardError, SealError
+from devicedb.kinds import Match, get_kind
+from devicedb.models import Context, Decision, Device, Requirement, RequirementDecision, Result
+from devicedb.policy import grace_applies, is_exempt
+from devicedb.settings import Settings
+from devicedb.store import Store, Tx
+from devicedb.usernames import canonical_user, safe_display
+
+log = logging.getLogger("mfaguard")
+
+# Longer responses cannot be any code; they are refused before any work.
+MAX_RESPONSE_CHARS = 64
+
+Clock = Callable[[], float]
+
+
+def describe_error(exc: BaseException) -> str:
+    """Our own errors carry vetted messages; anything else is named by type only, so that no
+    code or secret can reach an audit row through an exception's text."""
+    if isinstance(exc, MfaguardError):
+        return f"error: {exc}"
+    return f"error: {type(exc).__name__}"
+
+
+class Verifier:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: Store | None = None,
+        clock: Clock = time.time,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self._store = store
+
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = Store.open(self.settings, clock=self.clock)
+        return self._store
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    # -- policy -------------------------------------------------------------------
+    def requirement(self, raw_user: str | bytes, context: Context) -> RequirementDecision:
+        """Whether this user must present a second factor. Errors mean REQUIRED."""
+        try:
+            user = canonical_user(raw_user, self.settings.usernames)
+        except InvalidUserName as exc:
+            return RequirementDecision(Requirement.REQUIRED, f"refused user name: {exc}", safe_display(raw_user))
+        try:
+            rules = self.settings.enforcement
+            exempt = is_exempt(user, rules, self.settings.usernames)
+            with self.store().transaction() as tx:
+                if exempt:
+                    tx.audit("auth", user, context, reason=f"exempt: {exempt}")
+                    return RequirementDecision(Requirement.EXEMPT, exempt, user)
+                grace = grace_applies(user, rules, self.settings.usernames, tx.now)
+                if grace and not tx.devices(user):
+                    tx.audit("auth", user, context, reason=f"grace: {grace}")
+                    return RequirementDecision(Requirement.GRACE, grace, user)
+        except Exception as exc:
+            log.exception("requirement check failed for %s", user)
+            return RequirementDecision(Requirement.REQUIRED, describe_error(exc), user)
+        return RequirementDecision(Requirement.REQUIRED, "second factor required", user)
+
+    # -- verification --------------------------------------------------------------
+    def verify(self, raw_user: str | bytes, response: str | bytes, context: Context) -> Decision:
+        """Check what the user typed. Returns exactly one Decision; never raises."""
+        try:
+            user = canonical_user(raw_user, self.settings.usernames)
+        except InvalidUserName as exc:
+            return self._error(None, context, f"refused user name: {exc}", {"name": safe_display(raw_user)})
+        except Exception as exc:
+            log.exception("user name check failed")
+            return self._error(None, context, describe_error(exc))
+        try:
+            return self._verify(user, response, context)
+        except Exception as exc:  # MemoryError included: fail closed, then say why
+            log.exception("verification failed for %s", user)
+            return self._error(user, context, describe_error(exc))
+
+    def _verify(self, user: str, response: str | bytes, context: Context) -> Decision:
+        text: str | None
+        if isinstance(response, bytes):
+            try:
+                text = response.decode("utf-8", errors="strict")
+            except UnicodeDecodeError:
+                text = None
+        else:
+            text = response if isinstance(response, str) else None
+        if text is not None and len(text) > MAX_RESPONSE_CHARS:
+            text = None
+        store = self.store()
+        prehashed: tuple[bytes, bytes] | None = None
+        backup_digits = backup_codes.normalise(text) if text else None
+        if backup_digits is not None:
+            # scrypt runs before the write lock is taken; the salt is re-checked inside.
+            with store.transaction() as tx:
+                salt = tx.backup_salt(user)
+            if salt is not None:
+                prehashed = (salt, backup_codes.digest(backup_digits, salt))
+        with store.transaction() as tx:
+            return self._decide(tx, user, text, prehashed, context)
+
+    def _decide(
+        self, tx: Tx, user: str, text: str | None, prehashed: tuple[bytes, bytes] | None, context: Context
+    ) -> Decision:
+        lock = tx.lock_state(user)
+        if lock.locked_at(tx.now):
+            reason = "locked (hard lock: an administrator must unlock)" if lock.hard_locked else "locked"
+            # Nothing is counted or reset while locked, a right code included.
+            tx.audit("auth", user, context, reason=reason)
+            return Decision(Result.LOCKED, reason, user)
+        devices = tx.devices(user)
+        if not devices:
+            tx.audit("auth", user, context, reason="no device enrolled")
+            return Decision(Result.NO_DEVICE, "no device enrolled", user)
+        usable = [d for d in devices if d.usable and get_kind(d.kind) is not None]
+        if not usable:
+            reason = "no usable device (all disabled, pending or of an unknown kind)"
+            tx.audit("auth", user, context, reason=reason)
+            return Decision(Result.NO_USABLE_DEVICE, reason, user)
+
+        if text is None:
+            return self._fail(tx, user, context, Result.BAD_CODE, "malformed response")
+
+        backup = tx.use_backup_code(user, *prehashed) if prehashed is not None else None
+        if backup == "replay":
+            return self._fail(tx, user, context, Result.REPLAY, "replay: backup code already used")
+        if backup == "used":
+            left = tx.backup_codes_left(user)
+            tx.record_success(user)
+            tx.audit("backup_code_used", user, context, reason="backup code used", detail={"remaining": left})
+            tx.audit("auth", user, context, reason="accepted: backup code", detail={"remaining": left})
+            return Decision(Result.ACCEPTED, "backup code", user)
+
+        matches: list[tuple[Device, Match]] = []
+        unreadable: list[int] = []
+        for device in usable:
+            kind = get_kind(device.kind)
+            if kind is None or len(text) not in kind.code_lengths(device):
+                continue
+            try:
+                secret = tx.open_secret(device)
+            except SealError as exc:
+                log.error("%s", exc)
+                unreadable.append(device.id)
+                continue
+            found = kind.match(device, secret, text, tx.now, self.settings.totp.window)
+            if found is not None:
+                matches.append((device, found))
+
+        replayed = False
+        for device, found in matches:
+            if found.replay:
+                replayed = True
+                continue
+            if tx.advance(device, found.advance):
+                tx.record_success(user)
+                detail = {"kind": device.kind, "offset": found.offset}
+                tx.audit("auth", user, context, reason="accepted", device_id=device.id, detail=detail)
+                return Decision(Result.ACCEPTED, "accepted", user, device.id)
+            replayed = True  # another process advanced the state first
+        if replayed:
+            device_id = matches[0][0].id if matches else None
+            return self._fail(tx, user, context, Result.REPLAY, "replay: code already used", device_id)
+        if unreadable:
+            reason = f"error: sealed secret of device(s) {unreadable} does not open"
+            return self._fail(tx, user, context, Result.ERROR, reason)
+        return self._fail(tx, user, context, Result.BAD_CODE, "bad code")
+
+    def _fail(
+        self, tx: Tx, user: str, context: Context, result: Result, reason: str, device_id: int | None = None
+    ) -> Decision:
+        """Every failed attempt on a user with usable devices counts against one shared counter."""
+        locked = tx.record_failure(user, self.settings.lockout)
+        tx.audit("auth", user, context, reason=reason, device_id=device_id)
+        if locked:
+            state = tx.lock_state(user)
+            detail = {"consecutive_failures": state.consecutive_failures}
+            if locked == "lock" and state.locked_until is not None:
+                detail["locked_for_seconds"] = self.settings.lockout.lock_seconds
+            tx.audit("lock", user, context, reason=locked.replace("_", " "), detail=detail)
+        return Decision(result, reason, user, device_id)
+
+    def _error(self, user: str | None, context: Context, reason: str, detail: dict[str, str] | None = None) -> Decision:
+        """Record an error decision where the database allows it; the decision stands either way."""
+        try:
+            with self.store().transaction() as tx:
+                tx.audit("auth", user, context, reason=reason, detail=detail)
+        except Exception as exc:
+            log.error("could not write the audit row for an error decision (%s): %s", reason, exc)
+        return Decision(Result.ERROR, reason, user)
+
+    # -- enrollment confirmation ------------------------------------------------------
+    def confirm_enrollment(self, raw_user: str, device_id: int, code: str, context: Context) -> Decision:
+        """Activate a pending device once a code from it verifies. Does not touch the lockout counter."""
+        try:
+            user = canonical_user(raw_user, self.settings.usernames)
+            with self.store().transaction() as tx:
+                device = tx.device(user, device_id)
+                if not device.pending:
+                    return Decision(Result.ERROR, "device is not pending confirmation", user, device_id)
+                kind = get_kind(device.kind)
+                found = None
+                if kind is not None:
+                    found = kind.match(device, tx.open_secret(device), code, tx.now, self.settings.totp.window)
+                if found is None:
+                    tx.audit("auth", user, context, reason="enrollment code did not verify", device_id=device_id)
+                    return Decision(Result.BAD_CODE, "enrollment code did not verify", user, device_id)
+                if not tx.confirm_device(device, found.advance):
+                    return Decision(Result.REPLAY, "device was confirmed elsewhere", user, device_id)
+                tx.audit("device_confirmed", user, context, reason="confirmed with a code", device_id=device_id)
+                return Decision(Result.ACCEPTED, "confirmed", user, device_id)
+        except Exception as exc:
+            log.exception("enrollment confirmation failed")
+            return Decision(Result.ERROR, describe_error(exc), None, device_id)
