@@ -179,8 +179,14 @@ def verify_chain(raw_rows: Iterable[tuple[Any, ...]], key: bytes, sequence: int 
                     row_id, "link to the previous row is broken (a row before it was deleted, reordered or edited)"
                 )
             )
-        computed = row_hash(key, prev_hash, row_id, ts, event, user, device_id, service, source, reason, detail or "{}")
-        if not hmac.compare_digest(computed, stored or ""):
+        try:
+            computed = row_hash(
+                key, prev_hash, row_id, ts, event, user, device_id, service, source, reason, detail or "{}"
+            )
+            intact = isinstance(stored, str) and hmac.compare_digest(computed, stored)
+        except (TypeError, ValueError, OverflowError, AttributeError):
+            intact = False  # a value of the wrong type: only an edit outside mfaguard puts one there
+        if not intact:
             problems.append(ChainProblem(row_id, "contents do not match the row's hash (the row was edited)"))
         expected_prev = stored
         expected_id = row_id + 1

@@ -53,3 +53,7 @@ class DuplicateDeviceError(MfaguardError):
 
 class SealError(MfaguardError):
     """A sealed secret failed to open: wrong key, or the row was moved or altered."""
+
+
+class LockoutGuardError(MfaguardError):
+    """The change would leave root with no way to log in."""

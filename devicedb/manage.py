@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from devicedb import backup_codes
-from devicedb.errors import InvalidInput
+from devicedb.errors import InvalidInput, LockoutGuardError
 from devicedb.kinds import totp
 from devicedb.models import Context, Device, LockState, Requirement
 from devicedb.policy import grace_applies, is_exempt
-from devicedb.store import Store
+from devicedb.store import Store, Tx
 from devicedb.usernames import canonical_user
 
 
@@ -132,9 +132,27 @@ class DeviceManager:
     def list_devices(self, raw_user: str | None = None) -> list[Device]:
         return self.store.list_devices(None if raw_user is None else self.canonical(raw_user))
 
-    def set_enabled(self, raw_user: str, device_id: int, enabled: bool, context: Context) -> bool:
+    def _guard_root(self, tx: Tx, user: str, device_id: int, force: bool) -> None:
+        """Refuse to leave root without an active device: root could no longer log in."""
+        tx.device(user, device_id)  # a missing device is reported as such, first
+        if force or user != "root":
+            return
+        if any(d.usable and d.id != device_id for d in tx.devices(user)):
+            return
+        if is_exempt(user, self.settings.enforcement, self.settings.usernames):
+            return
+        raise LockoutGuardError(
+            "this would leave root with no active device, and root could no longer log in where mfaguard "
+            "is required. Enroll another device first, or pass --force"
+        )
+
+    def set_enabled(
+        self, raw_user: str, device_id: int, enabled: bool, context: Context, *, force: bool = False
+    ) -> bool:
         user = self.canonical(raw_user)
         with self.store.transaction() as tx:
+            if not enabled:
+                self._guard_root(tx, user, device_id, force)
             changed = tx.set_enabled(user, device_id, enabled)
             if changed:
                 event = "device_enabled" if enabled else "device_disabled"
@@ -149,9 +167,10 @@ class DeviceManager:
             tx.audit("device_renamed", user, context, device_id=device_id, detail={"old": old, "new": new})
         return new
 
-    def remove(self, raw_user: str, device_id: int, context: Context) -> Device:
+    def remove(self, raw_user: str, device_id: int, context: Context, *, force: bool = False) -> Device:
         user = self.canonical(raw_user)
         with self.store.transaction() as tx:
+            self._guard_root(tx, user, device_id, force)
             device = tx.remove(user, device_id)
             tx.audit(
                 "device_removed",
@@ -164,6 +183,9 @@ class DeviceManager:
         return device
 
     # -- backup codes --------------------------------------------------------------------
+    def active_device_count(self, raw_user: str) -> int:
+        return sum(1 for d in self.list_devices(raw_user) if d.usable)
+
     def generate_backup_codes(self, raw_user: str, context: Context) -> list[str]:
         """A new set of codes, shown once; the old set is void from the same commit."""
         user = self.canonical(raw_user)

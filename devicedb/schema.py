@@ -80,6 +80,14 @@ CREATE TABLE audit (
 )
 """,
     """
+CREATE TABLE auth_tickets (
+    digest TEXT PRIMARY KEY,
+    user TEXT NOT NULL,
+    service TEXT NOT NULL,
+    expires_at REAL NOT NULL
+)
+""",
+    """
 CREATE TRIGGER audit_append_only_update BEFORE UPDATE ON audit
 BEGIN SELECT RAISE(ABORT, 'audit rows are append-only'); END;
 """,

@@ -9,7 +9,9 @@ the two in step.
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,6 +78,66 @@ class LoggingSettings:
     file: str = "/var/log/mfaguard/mfaguard.log"
 
 
+# RADIUS: secrets shorter than this are refused (RFC 2865 section 3 recommends at least 16 octets).
+RADIUS_MIN_SECRET_CHARS = 16
+RADIUS_MAX_SECRET_CHARS = 256
+RADIUS_MODES = ("challenge", "append", "otp-only")
+# Reply attributes a client entry may add to Access-Accept: name -> "string" or "integer".
+RADIUS_REPLY_ATTRIBUTES = {
+    "Class": "string",
+    "Filter-Id": "string",
+    "Session-Timeout": "integer",
+    "Idle-Timeout": "integer",
+    "Acct-Interim-Interval": "integer",
+}
+
+
+@dataclass(frozen=True)
+class RadiusClient:
+    name: str
+    # An IP network in canonical form: a single address is a /32 or /128.
+    address: str
+    secret: str | None = None
+    secret_file: str | None = None
+    require_message_authenticator: bool = True
+    mode: str = "challenge"
+    # (attribute name, value) pairs added to every Access-Accept for this client, in order.
+    reply: tuple[tuple[str, str | int], ...] = ()
+
+    def read_secret(self) -> bytes:
+        """The shared secret as bytes: inline, or read from secret_file (root-owned, mode 0600)."""
+        if self.secret is not None:
+            return self.secret.encode("utf-8")
+        assert self.secret_file is not None
+        try:
+            raw = read_trusted_file(self.secret_file, f"RADIUS secret file of client {self.name}", secret=True)
+        except FileNotFoundError:
+            raise ConfigError(f"radius client {self.name}: secret_file {self.secret_file} does not exist") from None
+        except OSError as exc:
+            raise ConfigError(
+                f"radius client {self.name}: secret_file {self.secret_file} cannot be read: {exc.strerror or exc}"
+            ) from None
+        secret = raw.rstrip(b"\r\n")
+        if b"\n" in secret or b"\0" in secret:
+            raise ConfigError(f"radius client {self.name}: secret_file {self.secret_file} must hold one line")
+        if not RADIUS_MIN_SECRET_CHARS <= len(secret) <= RADIUS_MAX_SECRET_CHARS:
+            raise ConfigError(
+                f"radius client {self.name}: the secret in {self.secret_file} is {len(secret)} bytes long; "
+                f"allowed: {RADIUS_MIN_SECRET_CHARS} to {RADIUS_MAX_SECRET_CHARS} bytes"
+            )
+        return secret
+
+
+@dataclass(frozen=True)
+class RadiusSettings:
+    listen: tuple[tuple[str, int], ...] = (("127.0.0.1", 1812), ("::1", 1812))
+    first_factor: str = "mfaguard-radius"
+    state_lifetime: int = 60
+    duplicate_cache_seconds: int = 30
+    threads: int = 8
+    clients: tuple[RadiusClient, ...] = ()
+
+
 @dataclass(frozen=True)
 class Settings:
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
@@ -86,6 +148,7 @@ class Settings:
     usernames: UsernameSettings = field(default_factory=UsernameSettings)
     enforcement: EnforcementSettings = field(default_factory=EnforcementSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    radius: RadiusSettings = field(default_factory=RadiusSettings)
     # Where the settings came from: a path, or None for the built-in defaults.
     source: str | None = None
 
@@ -95,10 +158,12 @@ class Settings:
 
 
 class _Bad(Exception):
-    def __init__(self, problem: str, allowed: str) -> None:
+    def __init__(self, problem: str, allowed: str, line: int | None = None) -> None:
         super().__init__(problem)
         self.problem = problem
         self.allowed = allowed
+        # The 1-based line of the offending item, where a node checker knows it better than the key's.
+        self.line = line
 
 
 Checker = Callable[[Any], Any]
@@ -186,10 +251,161 @@ def _instant_or_null(value: Any) -> dt.datetime | None:
     raise _Bad(f"{value!r} is not a date", "null (off), a date such as 2027-01-31, or 2027-01-31T12:00:00Z")
 
 
+_PAM_SERVICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _listen_list(value: Any) -> tuple[tuple[str, int], ...]:
+    allowed = 'a list of "ADDRESS:PORT", for example ["127.0.0.1:1812", "[::1]:1812", "0.0.0.0:1812"]'
+    if not isinstance(value, list) or not value:
+        raise _Bad(f"{value!r} is not a non-empty list", allowed)
+    out: list[tuple[str, int]] = []
+    for item in value:
+        if not isinstance(item, str):
+            raise _Bad(f"list item {item!r} is not a string", allowed)
+        host, sep, port_text = item.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+            want = 6
+        else:
+            want = 4
+        try:
+            address = ipaddress.ip_address(host)
+            port = int(port_text, 10)
+        except ValueError:
+            raise _Bad(f"list item {item!r} is not ADDRESS:PORT", allowed) from None
+        if not sep or address.version != want or not 1 <= port <= 65535 or not port_text.isdigit():
+            raise _Bad(f"list item {item!r} is not ADDRESS:PORT (IPv6 in brackets, port 1-65535)", allowed)
+        entry = (str(address), port)
+        if entry in out:
+            raise _Bad(f"list item {item!r} is listed twice", allowed)
+        out.append(entry)
+    return tuple(out)
+
+
+def _pam_service_or_none(value: Any) -> str:
+    allowed = "a PAM service name from /etc/pam.d (letters, digits, . _ -), or none (only with mode otp-only)"
+    if not isinstance(value, str) or not _PAM_SERVICE.fullmatch(value):
+        raise _Bad(f"{value!r} is not a PAM service name", allowed)
+    return value
+
+
+_CLIENT_KEYS = ("name", "address", "secret", "secret_file", "require_message_authenticator", "mode", "reply")
+
+
+def _radius_reply(value: Any, line: int, where: str) -> tuple[tuple[str, str | int], ...]:
+    names = ", ".join(RADIUS_REPLY_ATTRIBUTES)
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise _Bad(
+            f"{where}: reply: {value!r} is not a mapping", f"a mapping of attribute name to value; names: {names}", line
+        )
+    out: list[tuple[str, str | int]] = []
+    for attr, item in value.items():
+        kind = RADIUS_REPLY_ATTRIBUTES.get(attr) if isinstance(attr, str) else None
+        if kind is None:
+            raise _Bad(f"{where}: reply attribute {attr!r} is not supported", f"one of {names}", line)
+        if kind == "integer":
+            if isinstance(item, bool) or not isinstance(item, int) or not 0 <= item <= 0xFFFFFFFF:
+                raise _Bad(
+                    f"{where}: reply.{attr}: {item!r} is not an integer", "an integer from 0 to 4294967295", line
+                )
+        elif not isinstance(item, str) or not item or len(item.encode("utf-8")) > 253 or not item.isprintable():
+            raise _Bad(f"{where}: reply.{attr}: {item!r} is not a string", "1 to 253 bytes of printable text", line)
+        out.append((attr, item))
+    return tuple(out)
+
+
+def _radius_client(node: yaml.Node, index: int) -> RadiusClient:
+    where = f"item {index + 1}"
+    start = node.start_mark.line + 1
+    if not isinstance(node, yaml.MappingNode):
+        raise _Bad(f"{where} is not a mapping", "a mapping with name, address and secret or secret_file", start)
+    values: dict[str, Any] = {}
+    lines: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        line = key_node.start_mark.line + 1
+        key = _scalar_value(key_node) if isinstance(key_node, yaml.ScalarNode) else None
+        if not isinstance(key, str) or key not in _CLIENT_KEYS:
+            raise _Bad(f"{where}: {key!r} is an unknown key", f"keys {', '.join(_CLIENT_KEYS)}", line)
+        if key in values:
+            raise _Bad(f"{where}: {key} is given twice (first at line {lines[key]})", "each key once", line)
+        lines[key] = line
+        values[key] = _scalar_value(value_node)
+
+    def bad(key: str, problem: str, allowed: str) -> _Bad:
+        return _Bad(f"{where}: {key}: {problem}", allowed, lines.get(key, start))
+
+    name = values.get("name")
+    if not isinstance(name, str) or not _PAM_SERVICE.fullmatch(name):
+        raise bad("name", f"{name!r} is not a plain name", "1 to 64 letters, digits, . _ - (required)")
+    where = f"client {name}"
+    address = values.get("address")
+    try:
+        if not isinstance(address, str):
+            raise ValueError
+        network = ipaddress.ip_network(address, strict=True)
+    except ValueError:
+        raise bad(
+            "address", f"{address!r} is not an IP address or network", "an address or CIDR such as 10.0.0.0/24"
+        ) from None
+    secret = values.get("secret")
+    secret_file = values.get("secret_file")
+    if (secret is None) == (secret_file is None):
+        raise bad("secret", "exactly one of secret and secret_file is needed", "secret: TEXT or secret_file: PATH")
+    if secret is not None:
+        if not isinstance(secret, str) or not RADIUS_MIN_SECRET_CHARS <= len(secret) <= RADIUS_MAX_SECRET_CHARS:
+            shown = "not a string" if not isinstance(secret, str) else f"{len(secret)} characters long"
+            raise bad(
+                "secret",
+                f"the secret is {shown}",
+                f"{RADIUS_MIN_SECRET_CHARS} to {RADIUS_MAX_SECRET_CHARS} characters (shorter secrets are refused)",
+            )
+        if not secret.isprintable():
+            raise bad("secret", "the secret holds control characters", "printable characters")
+    if secret_file is not None:
+        try:
+            secret_file = _absolute_path(secret_file)
+        except _Bad as exc:
+            raise bad("secret_file", exc.problem, exc.allowed) from None
+    require_ma = values.get("require_message_authenticator", True)
+    if not isinstance(require_ma, bool):
+        raise bad("require_message_authenticator", f"{require_ma!r} is not a boolean", "true or false")
+    mode = values.get("mode", "challenge")
+    if mode not in RADIUS_MODES:
+        raise bad("mode", f"{mode!r} is not allowed", f"one of {', '.join(RADIUS_MODES)}")
+    reply = _radius_reply(values.get("reply"), lines.get("reply", start), where)
+    return RadiusClient(str(name), str(network), secret, secret_file, require_ma, str(mode), reply)
+
+
+def _radius_clients(node: yaml.Node) -> tuple[RadiusClient, ...]:
+    """A list of client mappings; errors name the item's own line."""
+    line = node.start_mark.line + 1
+    if isinstance(node, yaml.ScalarNode) and _scalar_value(node) is None:
+        return ()
+    if not isinstance(node, yaml.SequenceNode):
+        raise _Bad("not a list", "a list of client mappings (name, address, secret or secret_file, mode...)", line)
+    clients: list[RadiusClient] = []
+    for index, item in enumerate(node.value):
+        client = _radius_client(item, index)
+        if any(c.name == client.name for c in clients):
+            raise _Bad(f"client name {client.name} is used twice", "unique names", item.start_mark.line + 1)
+        if any(c.address == client.address for c in clients):
+            raise _Bad(
+                f"client {client.name}: address {client.address} is listed twice",
+                "one entry per address or network",
+                item.start_mark.line + 1,
+            )
+        clients.append(client)
+    return tuple(clients)
+
+
 @dataclass(frozen=True)
 class _Field:
     checker: Checker
     doc: str
+    # A node checker gets the YAML node itself (for lists of mappings, with the line of each item).
+    node: bool = False
 
 
 @dataclass(frozen=True)
@@ -257,6 +473,17 @@ _SPEC = _Section(
             LoggingSettings,
             {"file": _Field(_absolute_path, "the daemon log file of the front ends")},
         ),
+        "radius": _Section(
+            RadiusSettings,
+            {
+                "listen": _Field(_listen_list, "the addresses and ports mfa-radiusd listens on"),
+                "first_factor": _Field(_pam_service_or_none, "the PAM service that checks passwords, or none"),
+                "state_lifetime": _Field(_int_range(10, 600), "seconds an Access-Challenge State stays valid"),
+                "duplicate_cache_seconds": _Field(_int_range(1, 300), "seconds a reply is kept for retransmissions"),
+                "threads": _Field(_int_range(1, 64), "threads that run first-factor (PAM) checks"),
+                "clients": _Field(_radius_clients, "the RADIUS clients (NAS) allowed to send requests", node=True),
+            },
+        ),
     },
 )
 
@@ -266,21 +493,31 @@ _SPEC = _Section(
 
 
 def _scalar_value(node: yaml.Node) -> Any:
-    return yaml.SafeLoader("").construct_object(node, deep=True)
+    """The Python value of a node. A tag or value YAML cannot build is refused at its own line."""
+    try:
+        return yaml.SafeLoader("").construct_object(node, deep=True)
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:
+        problem = getattr(exc, "problem", None) or str(exc)
+        line = node.start_mark.line + 1
+        raise _Bad(f"cannot read this value ({problem})", "plain YAML values, without tags", line) from None
 
 
 def _build(section: _Section, node: yaml.Node | None, path: str, src: str) -> Any:
     if node is None:
         return section.cls()
     if not isinstance(node, yaml.MappingNode):
-        if isinstance(node, yaml.ScalarNode) and _scalar_value(node) is None:
+        if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
             return section.cls()
         raise ConfigError(f"{src}:{node.start_mark.line + 1}: {path or 'top level'}: expected a mapping of keys")
     seen: dict[str, int] = {}
     values: dict[str, Any] = {}
     for key_node, value_node in node.value:
         line = key_node.start_mark.line + 1
-        key = _scalar_value(key_node) if isinstance(key_node, yaml.ScalarNode) else None
+        try:
+            key = _scalar_value(key_node) if isinstance(key_node, yaml.ScalarNode) else None
+        except _Bad as bad:
+            where = path or "top level"
+            raise ConfigError(f"{src}:{line}: {where}: key {bad.problem}; allowed: {bad.allowed}") from None
         dotted = f"{path}.{key}" if path else str(key)
         if not isinstance(key, str) or key not in section.fields:
             known = ", ".join(section.fields)
@@ -295,11 +532,10 @@ def _build(section: _Section, node: yaml.Node | None, path: str, src: str) -> An
         if not isinstance(value_node, yaml.ScalarNode | yaml.SequenceNode):
             raise ConfigError(f"{src}:{line}: {dotted}: expected a value, found a mapping; this key is {spec.doc}")
         try:
-            values[key] = spec.checker(_scalar_value(value_node))
+            values[key] = spec.checker(value_node if spec.node else _scalar_value(value_node))
         except _Bad as bad:
-            raise ConfigError(
-                f"{src}:{value_node.start_mark.line + 1}: {dotted}: {bad.problem}; allowed: {bad.allowed}"
-            ) from None
+            at = bad.line if bad.line is not None else value_node.start_mark.line + 1
+            raise ConfigError(f"{src}:{at}: {dotted}: {bad.problem}; allowed: {bad.allowed}") from None
     try:
         return section.cls(**values)
     except TypeError as exc:  # pragma: no cover - the spec and the dataclasses disagree
@@ -321,6 +557,14 @@ def _cross_checks(settings: Settings, src: str) -> None:
         )
     if os.path.abspath(settings.database.path) == os.path.abspath(settings.database.key_file):
         raise ConfigError(f"{src}: database.path and database.key_file must be different files")
+    radius = settings.radius
+    if radius.first_factor == "none":
+        for client in radius.clients:
+            if client.mode != "otp-only":
+                raise ConfigError(
+                    f"{src}: radius.clients: client {client.name} has mode {client.mode} but radius.first_factor "
+                    "is none; allowed: first_factor none only when every client has mode otp-only"
+                )
 
 
 def parse_settings(text: str, source: str = "<string>") -> Settings:
@@ -376,8 +620,8 @@ def load_settings(
                 "(mode 0644 or stricter, owned by root)"
             ) from None
         return Settings()
-    except UnsafePathError:
-        raise
+    except UnsafePathError as exc:
+        raise ConfigError(str(exc)) from None
     except OSError as exc:
         raise ConfigError(f"{chosen}: cannot read the config file: {exc.strerror or exc}") from None
     try:

@@ -7,9 +7,11 @@ row count decides.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -24,6 +26,7 @@ from devicedb.errors import (
     DeviceLimitError,
     DuplicateDeviceError,
     InvalidInput,
+    KeyFileError,
     NotFound,
     SchemaError,
     UnsafePathError,
@@ -72,6 +75,15 @@ def _device(r: tuple[Any, ...]) -> Device:
     )
 
 
+def _uri_path(path: str) -> str:
+    # SQLite URI filenames: '%', '?' and '#' would be read as escapes, the query and a fragment.
+    return path.replace("%", "%25").replace("?", "%3f").replace("#", "%23")
+
+
+def _ticket_digest(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", errors="replace")).hexdigest()
+
+
 def check_label(label: str) -> str:
     if not isinstance(label, str) or not label.strip() or len(label) > MAX_LABEL_CHARS or not label.isprintable():
         raise InvalidInput(f"label {label!r} is not allowed; use 1 to {MAX_LABEL_CHARS} printable characters")
@@ -94,6 +106,21 @@ class Tx:
         self.conn = store.conn
         self.keyring = store.keyring
         self.now = store.clock()
+        self._savepoints = 0
+
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """A nested unit inside this transaction: rolled back alone if it raises."""
+        self._savepoints += 1
+        name = f"sp{self._savepoints}"
+        self.conn.execute(f"SAVEPOINT {name}")
+        try:
+            yield
+        except BaseException:
+            self.conn.execute(f"ROLLBACK TO {name}")
+            self.conn.execute(f"RELEASE {name}")
+            raise
+        self.conn.execute(f"RELEASE {name}")
 
     # -- audit -------------------------------------------------------------
     def audit(
@@ -287,6 +314,24 @@ class Tx:
     def has_backup_codes(self, user: str) -> bool:
         return self.backup_codes_left(user) > 0
 
+    # -- auth tickets ----------------------------------------------------------
+    def issue_ticket(self, user: str, service: str, lifetime: float) -> str:
+        """A one-time proof that this user passed the second factor for this service just now."""
+        token = secrets.token_urlsafe(32)
+        self.conn.execute("DELETE FROM auth_tickets WHERE expires_at <= ?", (self.now,))
+        self.conn.execute(
+            "INSERT INTO auth_tickets (digest, user, service, expires_at) VALUES (?, ?, ?, ?)",
+            (_ticket_digest(token), user, service, self.now + lifetime),
+        )
+        return token
+
+    def redeem_ticket(self, user: str, service: str, token: str) -> bool:
+        cur = self.conn.execute(
+            "DELETE FROM auth_tickets WHERE digest = ? AND user = ? AND service = ? AND expires_at > ?",
+            (_ticket_digest(token), user, service, self.now),
+        )
+        return cur.rowcount == 1
+
     # -- lockout -------------------------------------------------------------
     def lock_state(self, user: str) -> LockState:
         r = self.conn.execute(
@@ -356,7 +401,7 @@ class Store:
         mode = "rwc" if create else "rw"
         try:
             conn = sqlite3.connect(
-                f"file:{db.path}?mode={mode}",
+                f"file:{_uri_path(db.path)}?mode={mode}",
                 uri=True,
                 timeout=db.busy_timeout_ms / 1000,
                 isolation_level=None,
@@ -400,6 +445,12 @@ class Store:
             if not os.path.lexists(folder):
                 created_folders.append(folder)
             make_private_dir(folder, what)
+        if not os.path.lexists(key_path) and os.path.lexists(db_path) and os.path.getsize(db_path) > 0:
+            # A new key would make every sealed secret in this database unreadable, for good.
+            raise KeyFileError(
+                f"key file {key_path} is missing but database {db_path} exists: restore the key file from "
+                "backup. `mfa-admin init` creates a key only for a new database"
+            )
         created_key = Keyring.create(key_path)
         keyring = Keyring.load(key_path)
         created_db = not os.path.lexists(db_path)
@@ -473,6 +524,12 @@ class Store:
     def lock_state(self, user: str) -> LockState:
         with self.transaction() as tx:
             return tx.lock_state(user)
+
+    def backup_salt(self, user: str) -> bytes | None:
+        """The salt of the user's current set, read without taking the write lock."""
+        with self._lock:
+            r = self.conn.execute("SELECT salt FROM backup_code_sets WHERE user = ?", (user,)).fetchone()
+            return bytes(r[0]) if r else None
 
     def backup_codes_left(self, user: str) -> int:
         with self.transaction() as tx:

@@ -9,7 +9,9 @@ PAM, RADIUS, lockout and audit all key on the result. The mapping:
 3. A configured realm is stripped: ``alice@CORP`` (last ``@``) and
    ``CORP\\alice`` (first backslash) both become ``alice`` when CORP is listed
    in ``usernames.strip_realms``. Realms compare case-insensitively. A realm
-   that is not listed is kept, so ``alice@OTHER`` stays a different user.
+   that is not listed is kept, so ``alice@OTHER`` stays a different user. A name
+   with a second configured realm (``alice@CORP@CORP``) is refused, so the
+   mapping is idempotent: a canonical name maps to itself.
 4. With ``usernames.case_fold`` the name is folded to lower case.
 """
 
@@ -36,6 +38,18 @@ def _check_chars(name: str) -> None:
             raise InvalidUserName(f"user name holds a control or format character (U+{ord(ch):04X})")
 
 
+def _strip_realm(name: str, realms: set[str]) -> str:
+    if "\\" in name:
+        realm, _, rest = name.partition("\\")
+        if realm.casefold() in realms:
+            return rest
+    elif "@" in name:
+        rest, _, realm = name.rpartition("@")
+        if realm.casefold() in realms:
+            return rest
+    return name
+
+
 def canonical_user(raw: str | bytes, rules: UsernameSettings) -> str:
     if isinstance(raw, bytes):
         try:
@@ -53,15 +67,12 @@ def canonical_user(raw: str | bytes, rules: UsernameSettings) -> str:
     _check_chars(name)
     realms = {r.casefold() for r in rules.strip_realms}
     if realms:
-        if "\\" in name:
-            realm, _, rest = name.partition("\\")
-            if realm.casefold() in realms:
-                name = rest
-        elif "@" in name:
-            rest, _, realm = name.rpartition("@")
-            if realm.casefold() in realms:
-                name = rest
+        name = _strip_realm(name, realms)
         _check_chars(name)
+        if _strip_realm(name, realms) != name:
+            # alice@CORP@CORP or CORP\alice@CORP: strip once only and the result would not be
+            # canonical (stripping it again would change it), so refuse it outright.
+            raise InvalidUserName("user name carries more than one realm")
     if rules.case_fold:
         name = name.lower()
     return name

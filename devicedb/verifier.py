@@ -28,6 +28,9 @@ MAX_RESPONSE_CHARS = 64
 
 Clock = Callable[[], float]
 
+# How long the auth phase's success stays redeemable by the account phase.
+TICKET_LIFETIME = 300.0
+
 
 def describe_error(exc: BaseException) -> str:
     """Our own errors carry vetted messages; anything else is named by type only, so that no
@@ -98,7 +101,11 @@ class Verifier:
             log.exception("verification failed for %s", user)
             return self._error(user, context, describe_error(exc))
 
-    def _verify(self, user: str, response: str | bytes, context: Context) -> Decision:
+    def _prepare(self, user: str, response: str | bytes) -> tuple[str | None, tuple[bytes, bytes] | None]:
+        """The typed text (None if it cannot be a code) and, for a backup-code shape, its digest.
+
+        scrypt runs here, before the write lock is taken; the salt is re-checked inside.
+        """
         text: str | None
         if isinstance(response, bytes):
             try:
@@ -109,17 +116,72 @@ class Verifier:
             text = response if isinstance(response, str) else None
         if text is not None and len(text) > MAX_RESPONSE_CHARS:
             text = None
-        store = self.store()
         prehashed: tuple[bytes, bytes] | None = None
         backup_digits = backup_codes.normalise(text) if text else None
         if backup_digits is not None:
-            # scrypt runs before the write lock is taken; the salt is re-checked inside.
-            with store.transaction() as tx:
-                salt = tx.backup_salt(user)
+            salt = self.store().backup_salt(user)
             if salt is not None:
                 prehashed = (salt, backup_codes.digest(backup_digits, salt))
-        with store.transaction() as tx:
+        return text, prehashed
+
+    def _verify(self, user: str, response: str | bytes, context: Context) -> Decision:
+        text, prehashed = self._prepare(user, response)
+        with self.store().transaction() as tx:
             return self._decide(tx, user, text, prehashed, context)
+
+    def verify_batch(self, attempts: list[tuple[str | bytes, str | bytes, Context]]) -> list[Decision]:
+        """Several verifications under one write transaction and one commit (group commit).
+
+        Each attempt runs the same decision path inside its own savepoint, in order, so a
+        later attempt sees an earlier one's replay state and failures. No decision may be
+        acted on before this returns: if the shared commit fails, every decision is ERROR.
+        """
+        prepared: list[tuple[str | None, str | None, tuple[bytes, bytes] | None, Context, Decision | None]] = []
+        for raw_user, response, context in attempts:
+            try:
+                user = canonical_user(raw_user, self.settings.usernames)
+                text, prehashed = self._prepare(user, response)
+                prepared.append((user, text, prehashed, context, None))
+            except InvalidUserName as exc:
+                refused = Decision(Result.ERROR, f"refused user name: {exc}", None)
+                prepared.append((None, None, None, context, refused))
+            except Exception as exc:
+                log.exception("verification failed")
+                prepared.append((None, None, None, context, Decision(Result.ERROR, describe_error(exc), None)))
+        decisions: list[Decision] = []
+        try:
+            with self.store().transaction() as tx:
+                for batch_user, text, prehashed, context, early in prepared:
+                    if early is not None or batch_user is None:
+                        decision = early or Decision(Result.ERROR, "error", None)
+                        with tx.savepoint():
+                            tx.audit("auth", decision.user, context, reason=decision.reason)
+                        decisions.append(decision)
+                        continue
+                    try:
+                        with tx.savepoint():
+                            decisions.append(self._decide(tx, batch_user, text, prehashed, context))
+                    except Exception as exc:
+                        log.exception("verification failed for %s", batch_user)
+                        decisions.append(Decision(Result.ERROR, describe_error(exc), batch_user))
+        except Exception as exc:
+            log.exception("group commit failed")
+            reason = describe_error(exc)
+            return [Decision(Result.ERROR, reason, item[0]) for item in prepared]
+        return decisions
+
+    def code_lengths(self, raw_user: str | bytes) -> set[int]:
+        """The lengths of code this user's usable devices and backup codes accept (RADIUS append mode)."""
+        user = canonical_user(raw_user, self.settings.usernames)
+        lengths: set[int] = set()
+        with self.store().transaction() as tx:
+            for device in tx.devices(user):
+                kind = get_kind(device.kind)
+                if device.usable and kind is not None:
+                    lengths |= kind.code_lengths(device)
+            if tx.has_backup_codes(user):
+                lengths |= {backup_codes.CODE_DIGITS, backup_codes.CODE_DIGITS + 1}
+        return lengths
 
     def _decide(
         self, tx: Tx, user: str, text: str | None, prehashed: tuple[bytes, bytes] | None, context: Context
@@ -135,7 +197,9 @@ class Verifier:
             tx.audit("auth", user, context, reason="no device enrolled")
             return Decision(Result.NO_DEVICE, "no device enrolled", user)
         usable = [d for d in devices if d.usable and get_kind(d.kind) is not None]
-        if not usable:
+        # Backup codes stand in for a lost device that the administrator disabled; they are
+        # no enrollment of their own, so a user with no device at all is refused above.
+        if not usable and not tx.has_backup_codes(user):
             reason = "no usable device (all disabled, pending or of an unknown kind)"
             tx.audit("auth", user, context, reason=reason)
             return Decision(Result.NO_USABLE_DEVICE, reason, user)
@@ -210,6 +274,34 @@ class Verifier:
         except Exception as exc:
             log.error("could not write the audit row for an error decision (%s): %s", reason, exc)
         return Decision(Result.ERROR, reason, user)
+
+    def record_abandoned(self, raw_user: str | bytes, context: Context, reason: str) -> Decision:
+        """An attempt that never reached a code (empty answer, conversation error, missing phase).
+
+        It is denied and audited; it does not count on the lockout counter, since nothing was guessed.
+        """
+        try:
+            user: str | None = canonical_user(raw_user, self.settings.usernames)
+        except InvalidUserName:
+            user = None
+        return self._error(user, context, reason)
+
+    # -- auth tickets: carrying "the second factor passed" from the auth to the account phase --
+    def issue_ticket(self, user: str, context: Context, lifetime: float = TICKET_LIFETIME) -> str:
+        """For a user the verifier has just accepted (or exempted). The token is a secret: it is
+        never logged, and a front end removes it from wherever it carried it once redeemed."""
+        with self.store().transaction() as tx:
+            return tx.issue_ticket(canonical_user(user, self.settings.usernames), context.service, lifetime)
+
+    def redeem_ticket(self, raw_user: str | bytes, token: str, context: Context) -> bool:
+        """True once for a ticket issued to this user and service within its lifetime. Never raises."""
+        try:
+            user = canonical_user(raw_user, self.settings.usernames)
+            with self.store().transaction() as tx:
+                return tx.redeem_ticket(user, context.service, token)
+        except Exception:
+            log.exception("auth ticket check failed")
+            return False
 
     # -- enrollment confirmation ------------------------------------------------------
     def confirm_enrollment(self, raw_user: str, device_id: int, code: str, context: Context) -> Decision:

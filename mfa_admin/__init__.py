@@ -1,0 +1,1 @@
+"""mfa-admin, the administrator's command over the mfaguard core."""

@@ -1,0 +1,3 @@
+from mfa_admin.cli import entry
+
+entry()

@@ -1,0 +1,694 @@
+"""mfa-admin: enroll and manage second factors, and read the audit log.
+
+An adapter over devicedb: it parses arguments, calls the core and prints. It
+holds no policy of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import getpass
+import json
+import os
+import pwd
+import re
+import signal
+import sqlite3
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn, TextIO
+
+from devicedb import errors
+from devicedb.manage import DeviceManager
+from devicedb.models import Context, Device
+from devicedb.settings import Settings, load_settings
+from devicedb.store import Store
+from devicedb.verifier import Verifier
+
+EXIT_OK = 0
+EXIT_REJECTED = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 3
+EXIT_FILES = 4
+EXIT_REFUSED = 5
+EXIT_INTERRUPTED = 130
+
+EXIT_CODES_HELP = """\
+exit codes:
+  0    success
+  1    a negative answer: code rejected, enrollment not confirmed, audit log
+       tampered with, or (report) an account without an active device
+  2    usage error: unknown command or bad arguments
+  3    configuration error: the settings file is missing, unsafe or invalid
+  4    database, key file or folder problem: not initialised, unsafe mode or
+       owner, symlink, schema too new, locked or unreadable
+  5    refused: no such device, device limit reached, secret already
+       enrolled, invalid user name or value
+  130  interrupted
+"""
+
+CONFIRM_TRIES = 3
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _exit_code_for(exc: BaseException) -> int:
+    if isinstance(exc, errors.ConfigError):
+        return EXIT_CONFIG
+    if isinstance(exc, errors.UnsafePathError | errors.KeyFileError | errors.SchemaError | errors.DatabaseError):
+        return EXIT_FILES
+    if isinstance(exc, errors.SealError):
+        return EXIT_FILES
+    return EXIT_REFUSED
+
+
+def admin_context() -> Context:
+    """Who is acting, for the audit log: the sudo caller if any, else the login name."""
+    who = os.environ.get("SUDO_USER")
+    if not who:
+        try:
+            who = pwd.getpwuid(os.getuid()).pw_name
+        except KeyError:
+            who = f"uid {os.getuid()}"
+    tty = None
+    try:
+        tty = os.ttyname(sys.stdin.fileno()) if sys.stdin.isatty() else None
+    except (OSError, ValueError):
+        tty = None
+    return Context(service="mfa-admin", ruser=who, tty=tty)
+
+
+def iso(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+_RELATIVE = re.compile(r"(\d+)([smhdw])", re.ASCII)
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_since(text: str, now: float) -> float:
+    """`30m`, `2h`, `7d`, `1w`, a date `2026-12-01` or a time `2026-12-01T08:00:00Z` (UTC if no zone)."""
+    m = _RELATIVE.fullmatch(text.strip())
+    if m:
+        return now - int(m.group(1)) * _UNITS[m.group(2)]
+    try:
+        when = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise CliError(
+            f"--since {text!r} is not understood; use 30m, 2h, 7d, 1w, 2026-12-01 or 2026-12-01T08:00:00Z",
+            EXIT_USAGE,
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return when.timestamp()
+
+
+def _print_table(rows: list[list[str]], out: TextIO) -> None:
+    if not rows:
+        return
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        out.write("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r)).rstrip() + "\n")
+
+
+def _device_params(d: Device) -> str:
+    parts = []
+    if d.kind == "totp":
+        parts.append(f"{d.digits} digits, {(d.algorithm or 'sha1').upper()}, {d.period}s")
+    if d.drift:
+        parts.append(f"drift {d.drift:+d}")
+    if d.params.get("weak"):
+        parts.append("WEAK secret")
+    return "; ".join(parts)
+
+
+class App:
+    def __init__(self, args: argparse.Namespace, out: TextIO, err: TextIO) -> None:
+        self.args = args
+        self.out = out
+        self.err = err
+        self._settings: Settings | None = None
+        self._store: Store | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load_settings(self.args.config)
+        return self._settings
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = Store.open(self.settings)
+        return self._store
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+
+    def say(self, text: str = "") -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    # -- init ----------------------------------------------------------------------------
+    def cmd_init(self) -> int:
+        report = Store.initialise(self.settings)
+        db = self.settings.database
+        for folder in report.created_folders:
+            self.say(f"created folder {folder} (mode 0700)")
+        self.say(f"{'created' if report.created_key else 'kept existing'} key file {db.key_file}")
+        if report.created_key:
+            self.say("  back this key up offline: without it no enrolled secret can be used")
+        self.say(f"{'created' if report.created_database else 'kept existing'} database {db.path}")
+        if report.migrated_to:
+            self.say(f"schema now at version {report.migrated_to[-1]}")
+        else:
+            self.say("schema already current")
+        if self.settings.source is None:
+            self.say("note: no settings file found; the built-in defaults were used (see config/mfaguard.yaml)")
+        return EXIT_OK
+
+    # -- enroll ----------------------------------------------------------------------------
+    def cmd_enroll_totp(self) -> int:
+        a = self.args
+        if a.no_confirm:
+            return self._enroll_totp(pending=False)
+        # A hangup (dropped SSH session) or SIGTERM at the prompt must not leave a pending
+        # device behind to hold a slot: turn them into an interruption that discards it.
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGHUP, signal.SIGTERM)}
+
+        def interrupted(signum: int, frame: object) -> None:
+            raise KeyboardInterrupt(f"signal {signum}")
+
+        for sig in previous:
+            signal.signal(sig, interrupted)
+        try:
+            return self._enroll_totp(pending=True)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _enroll_totp(self, *, pending: bool) -> int:
+        a = self.args
+        manager = DeviceManager(self.store)
+        ctx = admin_context()
+        enrollment = manager.enroll_totp(
+            a.user,
+            ctx,
+            label=a.label,
+            digits=a.digits,
+            algorithm=a.algorithm,
+            period=a.period,
+            pending=pending,
+        )
+        device = enrollment.device
+        try:
+            if not a.no_qr:
+                import segno
+
+                self.say(f"Scan this QR code with the authenticator app of {device.user}:")
+                segno.make(enrollment.uri, error="m").terminal(out=self.out, compact=True)
+            self.say(f"otpauth URI: {enrollment.uri}")
+            self.say(f"Secret for manual entry: {enrollment.secret_b32}")
+            self.say(f"Parameters: {_device_params(device)}")
+            if not pending:
+                self.say(f"Device {device.id} ({device.label}) is active for {device.user}.")
+                return EXIT_OK
+            verifier = Verifier(self.settings, store=self.store)
+            for attempt in range(1, CONFIRM_TRIES + 1):
+                try:
+                    code = input(f"Enter the current code from the app ({attempt}/{CONFIRM_TRIES}): ")
+                except EOFError:
+                    break
+                decision = verifier.confirm_enrollment(device.user, device.id, code.strip(), ctx)
+                if decision.accepted:
+                    self.say(f"Code verified. Device {device.id} ({device.label}) is active for {device.user}.")
+                    return EXIT_OK
+                self.say(f"That code did not verify ({decision.reason}).")
+        except KeyboardInterrupt:
+            if pending:
+                manager.discard_pending(device.user, device.id, ctx)
+                self.err.write("\ninterrupted: the enrollment was discarded\n")
+            return EXIT_INTERRUPTED
+        except BaseException:
+            if pending:
+                manager.discard_pending(device.user, device.id, ctx)
+            raise
+        manager.discard_pending(device.user, device.id, ctx)
+        self.err.write(
+            "mfa-admin: enrollment not confirmed; the device was discarded. Check the phone's clock "
+            "and run the command again (or use --no-confirm in scripts).\n"
+        )
+        return EXIT_REJECTED
+
+    # -- devices ------------------------------------------------------------------------------
+    def cmd_devices_list(self) -> int:
+        manager = DeviceManager(self.store)
+        devices = manager.list_devices(self.args.user)
+        if self.args.json:
+            json.dump([d.public_dict() for d in devices], self.out, indent=2)
+            self.say()
+            return EXIT_OK
+        if not devices:
+            self.say("no devices" + (f" for {manager.canonical(self.args.user)}" if self.args.user else ""))
+            return EXIT_OK
+        rows = [["ID", "USER", "KIND", "LABEL", "STATUS", "PARAMETERS", "CREATED", "LAST USED"]]
+        for d in devices:
+            rows.append(
+                [
+                    str(d.id),
+                    d.user,
+                    d.kind,
+                    d.label,
+                    d.status,
+                    _device_params(d),
+                    iso(d.created_at),
+                    iso(d.last_used_at),
+                ]
+            )
+        _print_table(rows, self.out)
+        return EXIT_OK
+
+    def _warn_if_last(self, user: str) -> None:
+        manager = DeviceManager(self.store)
+        if manager.active_device_count(user) == 0:
+            self.err.write(f"warning: {manager.canonical(user)} has no active device left and cannot log in with MFA\n")
+
+    def cmd_devices_enable(self) -> int:
+        changed = DeviceManager(self.store).set_enabled(self.args.user, self.args.device, True, admin_context())
+        self.say(f"device {self.args.device} " + ("enabled" if changed else "was already enabled"))
+        return EXIT_OK
+
+    def cmd_devices_disable(self) -> int:
+        changed = DeviceManager(self.store).set_enabled(
+            self.args.user, self.args.device, False, admin_context(), force=self.args.force
+        )
+        self.say(f"device {self.args.device} " + ("disabled" if changed else "was already disabled"))
+        self._warn_if_last(self.args.user)
+        return EXIT_OK
+
+    def cmd_devices_remove(self) -> int:
+        device = DeviceManager(self.store).remove(
+            self.args.user, self.args.device, admin_context(), force=self.args.force
+        )
+        self.say(f"removed device {device.id} ({device.kind}, {device.label}) of {device.user}")
+        self._warn_if_last(self.args.user)
+        return EXIT_OK
+
+    def cmd_devices_rename(self) -> int:
+        label = DeviceManager(self.store).rename(self.args.user, self.args.device, self.args.label, admin_context())
+        self.say(f"device {self.args.device} is now labelled {label!r}")
+        return EXIT_OK
+
+    # -- backup codes, unlock, verify, status ------------------------------------------------
+    def cmd_backup_codes_generate(self) -> int:
+        manager = DeviceManager(self.store)
+        codes = manager.generate_backup_codes(self.args.user, admin_context())
+        user = manager.canonical(self.args.user)
+        self.say(f"Backup codes for {user}. Each works once. They are shown only now; any older set is void.")
+        for code in codes:
+            self.say(f"  {code}")
+        return EXIT_OK
+
+    def cmd_unlock(self) -> int:
+        manager = DeviceManager(self.store)
+        before = manager.unlock(self.args.user, admin_context())
+        user = manager.canonical(self.args.user)
+        if before.hard_locked or before.locked_until:
+            self.say(f"unlocked {user} (was {'hard-' if before.hard_locked else ''}locked); failure counters reset")
+        else:
+            self.say(f"{user} was not locked; failure counters reset")
+        return EXIT_OK
+
+    def cmd_verify(self) -> int:
+        DeviceManager(self.store).canonical(self.args.user)  # an invalid name is refused (exit 5), not audited
+        code = self.args.code
+        if code is None or code == "-":
+            code = getpass.getpass("Code: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\r\n")
+        verifier = Verifier(self.settings, store=self.store)
+        decision = verifier.verify(self.args.user, code, admin_context())
+        if decision.accepted:
+            which = f"device {decision.device_id}" if decision.device_id else decision.reason
+            self.say(f"accepted ({which})")
+            return EXIT_OK
+        self.say(f"rejected: {decision.reason}")
+        return EXIT_REJECTED
+
+    def cmd_status(self) -> int:
+        status = DeviceManager(self.store).status(self.args.user)
+        data = status.as_dict()
+        if self.args.json:
+            json.dump(data, self.out, indent=2)
+            self.say()
+            return EXIT_OK
+        self.say(f"user:            {data['user']}")
+        self.say(f"requirement:     {data['requirement']} ({data['requirement_reason']})")
+        self.say(f"active devices:  {data['active_devices']} of {len(status.devices)}")
+        for d in status.devices:
+            self.say(f"  {d.id}: {d.kind} {d.label!r} {d.status}, last used {iso(d.last_used_at)}")
+        lock = (
+            "hard-locked (run mfa-admin unlock)"
+            if data["hard_locked"]
+            else (f"locked until {data['locked_until']}" if data["locked"] else "not locked")
+        )
+        self.say(f"lock:            {lock}")
+        self.say(f"failures:        {data['failures']} (consecutive {data['consecutive_failures']})")
+        self.say(f"last success:    {data['last_success_at'] or '-'}")
+        self.say(f"backup codes:    {data['backup_codes_left']} left")
+        return EXIT_OK
+
+    # -- report ------------------------------------------------------------------------------
+    def cmd_report(self) -> int:
+        from mfa_admin.report import coverage
+
+        result = coverage(self.store)
+        if self.args.json:
+            json.dump(result, self.out, indent=2)
+            self.say()
+        else:
+            rows = [["ACCOUNT", "UID", "SHELL", "STATUS", "ACTIVE", "NOTE"]]
+            for acct in result["accounts"]:
+                rows.append(
+                    [
+                        acct["user"],
+                        str(acct["uid"]),
+                        acct["shell"],
+                        acct["status"],
+                        str(acct["active_devices"]),
+                        acct["note"],
+                    ]
+                )
+            _print_table(rows, self.out)
+            self.say()
+            self.say(
+                f"coverage: {result['covered']} of {result['total']} login-capable accounts have an active device"
+                f" ({result['exempt']} exempt)"
+            )
+            if result["uncovered"]:
+                self.say("without an active device: " + ", ".join(result["uncovered"]))
+        return EXIT_REJECTED if result["uncovered"] else EXIT_OK
+
+    # -- PAM and doctor ----------------------------------------------------------------------
+    def cmd_pam_install(self) -> int:
+        from mfa_admin import pam_setup
+
+        plan = pam_setup.plan_install(self.args.service, self.args.pam_dir, self.args.config or self.settings.source)
+        if self.args.dry_run:
+            self.out.write(plan.diff())
+            self.say("(dry run: nothing was changed)")
+            return EXIT_OK
+        status = DeviceManager(self.store).status("root")
+        pam_setup.guard_root(status.requirement, sum(1 for d in status.devices if d.usable))
+        backup = pam_setup.install(plan)
+        self.say(f"mfaguard added to {plan.path}; the original is kept as {backup}")
+        self.say("keep a root shell open and test a login in a second one before you log out")
+        return EXIT_OK
+
+    def cmd_pam_uninstall(self) -> int:
+        from mfa_admin import pam_setup
+
+        self.say(pam_setup.uninstall(self.args.service, self.args.pam_dir))
+        return EXIT_OK
+
+    def cmd_doctor(self) -> int:
+        from mfa_admin import doctor
+
+        findings = doctor.run(self.settings, self.args.pam_dir)
+        if self.args.json:
+            json.dump([f.__dict__ for f in findings], self.out, indent=2)
+            self.say()
+        else:
+            for f in findings:
+                self.say(f"[{f.level.upper():4}] {f.topic}: {f.text}")
+                if f.fix and f.level != "ok":
+                    self.say(f"       fix: {f.fix}")
+            bad = sum(1 for f in findings if f.level == "fail")
+            self.say(f"\n{bad} problem(s), {sum(1 for f in findings if f.level == 'warn')} warning(s)")
+        return EXIT_REJECTED if any(f.level == "fail" for f in findings) else EXIT_OK
+
+    # -- audit -------------------------------------------------------------------------------
+    def _audit_rows(self) -> list[Any]:
+        a = self.args
+        since_text = getattr(a, "since", None)
+        since = parse_since(since_text, time.time()) if since_text is not None else None
+        user_text = getattr(a, "user", None)
+        user = DeviceManager(self.store).canonical(user_text) if user_text is not None else None
+        return self.store.audit_rows(
+            user=user, since=since, after_id=getattr(a, "after_id", None), limit=getattr(a, "limit", None)
+        )
+
+    def cmd_audit_show(self) -> int:
+        rows = self._audit_rows()
+        if self.args.json:
+            for r in rows:
+                self.out.write(json.dumps(r.as_dict(), ensure_ascii=False, sort_keys=True) + "\n")
+            return EXIT_OK
+        table = [["ID", "TIME", "EVENT", "USER", "DEVICE", "SERVICE", "SOURCE", "REASON"]]
+        for r in rows:
+            table.append(
+                [
+                    str(r.id),
+                    iso(r.ts),
+                    r.event,
+                    r.user or "-",
+                    str(r.device_id) if r.device_id is not None else "-",
+                    r.service or "-",
+                    r.source or "-",
+                    r.reason or "",
+                ]
+            )
+        _print_table(table, self.out)
+        return EXIT_OK
+
+    def cmd_audit_export(self) -> int:
+        for r in self._audit_rows():
+            self.out.write(json.dumps(r.as_dict(), ensure_ascii=False, sort_keys=True) + "\n")
+        return EXIT_OK
+
+    def cmd_audit_verify(self) -> int:
+        report = self.store.verify_audit()
+        if self.args.json:
+            json.dump(
+                {
+                    "ok": report.ok,
+                    "rows_checked": report.rows_checked,
+                    "head_id": report.head_id,
+                    "head_hash": report.head_hash,
+                    "problems": [{"row": p.row_id, "problem": p.problem} for p in report.problems],
+                },
+                self.out,
+                indent=2,
+            )
+            self.say()
+        elif report.ok:
+            self.say(f"audit log intact: {report.rows_checked} rows, head row {report.head_id} {report.head_hash}")
+            self.say("keep the head hash elsewhere: it is what proves later that no newest row was cut off")
+        else:
+            for p in report.problems:
+                self.say(f"row {p.row_id}: {p.problem}")
+            self.say(f"audit log TAMPERED: {len(report.problems)} problem(s) in {report.rows_checked} rows")
+        return EXIT_OK if report.ok else EXIT_REJECTED
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device id (a positive whole number)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device id (a positive whole number)")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a row count (a whole number of 1 or more)")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mfa-admin",
+        description="Enroll and manage mfaguard second factors, and read the audit log.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help="settings file (default: $MFAGUARD_CONFIG, else /etc/mfaguard/mfaguard.yaml)",
+    )
+    parser.add_argument("--version", action="version", version="mfaguard 0.1.0")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(
+        parent: Any, name: str, handler: Callable[[App], int], help_text: str, **kw: Any
+    ) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=EXIT_CODES_HELP,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            **kw,
+        )
+        p.set_defaults(handler=handler)
+        return p
+
+    add(sub, "init", App.cmd_init, "create the database and key file with safe modes, or upgrade the schema")
+
+    def group(name: str, help_text: str) -> Any:
+        parser_ = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=EXIT_CODES_HELP,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        return parser_
+
+    enroll = group("enroll", "enroll a new device")
+    enroll_sub = enroll.add_subparsers(dest="kind", metavar="KIND", required=True)
+    p = add(enroll_sub, "totp", App.cmd_enroll_totp, "enroll a TOTP authenticator app")
+    p.add_argument("user", metavar="USER")
+    p.add_argument("--label", help="a name for the device (default: 'TOTP app')")
+    p.add_argument("--digits", type=int, choices=(6, 8), help="code length (default: totp.digits)")
+    p.add_argument("--algorithm", choices=("sha1", "sha256", "sha512"), help="HMAC algorithm (default: totp.algorithm)")
+    p.add_argument("--period", type=int, choices=(30, 60), help="seconds per code (default: totp.period)")
+    p.add_argument("--no-confirm", action="store_true", help="activate at once without asking for a code (scripts)")
+    p.add_argument("--no-qr", action="store_true", help="print the URI only, no QR code")
+
+    devices = group("devices", "list and manage devices")
+    dev_sub = devices.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = add(dev_sub, "list", App.cmd_devices_list, "list devices, of one user or of everybody")
+    p.add_argument("user", metavar="USER", nargs="?")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    for name, handler, text in (
+        ("enable", App.cmd_devices_enable, "enable a disabled device"),
+        ("disable", App.cmd_devices_disable, "disable a device without removing it"),
+        ("remove", App.cmd_devices_remove, "remove a device for good"),
+    ):
+        p = add(dev_sub, name, handler, text)
+        p.add_argument("user", metavar="USER")
+        p.add_argument("device", metavar="DEVICE", type=_positive_int, help="device id, from `devices list`")
+        if name != "enable":
+            p.add_argument("--force", action="store_true", help="allow leaving root with no active device")
+    p = add(dev_sub, "rename", App.cmd_devices_rename, "change a device's label")
+    p.add_argument("user", metavar="USER")
+    p.add_argument("device", metavar="DEVICE", type=_positive_int)
+    p.add_argument("label", metavar="LABEL")
+
+    backup = group("backup-codes", "backup codes for a lost device")
+    backup_sub = backup.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = add(backup_sub, "generate", App.cmd_backup_codes_generate, "print 10 new one-time codes; voids the old set")
+    p.add_argument("user", metavar="USER")
+
+    p = add(sub, "unlock", App.cmd_unlock, "lift a lock and reset the failure counters of a user")
+    p.add_argument("user", metavar="USER")
+
+    p = add(sub, "verify", App.cmd_verify, "try a code through the core (audited as service mfa-admin)")
+    p.add_argument("user", metavar="USER")
+    p.add_argument("code", metavar="CODE", nargs="?", help="the code; omit or '-' to read it from the terminal/stdin")
+
+    p = add(sub, "status", App.cmd_status, "show a user's devices, lock state and backup codes")
+    p.add_argument("user", metavar="USER")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = add(
+        sub,
+        "report",
+        App.cmd_report,
+        "MFA coverage of every login-capable account, root first; exits 1 if any lacks an active device",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    pam = group("pam", "add mfaguard to a PAM stack, or take it out")
+    pam_sub = pam.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = add(
+        pam_sub,
+        "install",
+        App.cmd_pam_install,
+        "add mfaguard's auth and account lines after the password step; keeps FILE.mfaguard-orig. "
+        "Refused while root has no active device",
+    )
+    p.add_argument("--service", required=True, choices=("sshd", "sudo", "login"))
+    p.add_argument("--dry-run", action="store_true", help="show the change as a diff; change nothing")
+    p.add_argument("--pam-dir", default="/etc/pam.d", help="the PAM folder (default /etc/pam.d)")
+    p = add(pam_sub, "uninstall", App.cmd_pam_uninstall, "restore the stack saved by `pam install`")
+    p.add_argument("--service", required=True, choices=("sshd", "sudo", "login"))
+    p.add_argument("--pam-dir", default="/etc/pam.d", help="the PAM folder (default /etc/pam.d)")
+    p = add(
+        sub,
+        "doctor",
+        App.cmd_doctor,
+        "check PAM stacks, sshd, the database and key modes and MFA coverage; exits 1 on any problem",
+    )
+    p.add_argument("--pam-dir", default="/etc/pam.d", help="the PAM folder (default /etc/pam.d)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    audit = group("audit", "read and check the audit log")
+    audit_sub = audit.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = add(audit_sub, "show", App.cmd_audit_show, "show audit rows, oldest first")
+    p.add_argument("--user", metavar="USER")
+    p.add_argument("--since", metavar="WHEN", help="30m, 2h, 7d, 1w, 2026-12-01 or 2026-12-01T08:00:00Z")
+    p.add_argument("--limit", type=_count, metavar="N", help="only the newest N rows")
+    p.add_argument("--json", action="store_true", help="JSON lines, the export format")
+    p = add(audit_sub, "export", App.cmd_audit_export, "JSON lines for a SIEM, oldest first")
+    p.add_argument("--since", metavar="WHEN")
+    p.add_argument("--after-id", type=int, metavar="ID", help="only rows after this id (incremental shipping)")
+    p = add(audit_sub, "verify", App.cmd_audit_verify, "check the hash chain; names every edited, missing or moved row")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def _fail(err: TextIO, message: str, code: int) -> int:
+    err.write(f"mfa-admin: error: {message}\n")
+    return code
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    app = App(args, out, err)
+    try:
+        return int(args.handler(app))
+    except CliError as exc:
+        return _fail(err, str(exc), exc.code)
+    except errors.MfaguardError as exc:
+        return _fail(err, str(exc), _exit_code_for(exc))
+    except sqlite3.Error as exc:
+        return _fail(err, f"database error: {exc}; check the database file and run `mfa-admin init`", EXIT_FILES)
+    except PermissionError as exc:
+        return _fail(err, f"{exc.filename or 'a file'}: permission denied; run mfa-admin as root", EXIT_FILES)
+    except OSError as exc:
+        return _fail(err, f"{exc.filename or 'a file'}: {exc.strerror or exc}", EXIT_FILES)
+    except KeyboardInterrupt:
+        err.write("\ninterrupted\n")
+        return EXIT_INTERRUPTED
+    finally:
+        app.close()
+
+
+def entry() -> NoReturn:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

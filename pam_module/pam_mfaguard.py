@@ -1,0 +1,88 @@
+"""PAM entry file for pam_python.
+
+    auth    required  /lib/security/pam_python.so /PATH/pam_module/pam_mfaguard.py [options]
+    account required  /lib/security/pam_python.so /PATH/pam_module/pam_mfaguard.py [options]
+
+pam_python's interpreter is isolated: it ignores PYTHONPATH and does not put this
+file's folder on sys.path. So this file finds the mfaguard venv (``venv=PATH``, or
+the ``.venv`` folder beside ``pam_module/``), adds its site-packages with
+site.addsitedir (which also runs the .pth files of an editable install) ahead of
+Debian's dist-packages, then hands over to pam_module.adapter.
+
+Whatever goes wrong here, the answer is a failure, never PAM_SUCCESS or PAM_IGNORE.
+"""
+
+import contextlib
+import os
+import site
+import sys
+import time
+import traceback
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_FALLBACK_LOG = "/var/log/mfaguard/mfaguard.log"
+_adapter = None
+
+
+def _option(argv, name):
+    for arg in argv[1:]:
+        if arg.startswith(name + "="):
+            return arg[len(name) + 1 :]
+    return None
+
+
+def _log_failure(argv, what):
+    """Write a traceback where an administrator will look; never raise."""
+    path = _option(argv, "log") or _FALLBACK_LOG
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} mfaguard pam[{os.getpid()}]: {what}\n")
+            f.write(traceback.format_exc())
+    except Exception:  # noqa: S110 - nothing left to report to
+        pass
+    with contextlib.suppress(Exception):
+        sys.stderr.write(f"mfaguard pam: {what}; see {path}\n")
+
+
+def _load(argv):
+    global _adapter
+    if _adapter is None:
+        venv = _option(argv, "venv") or os.path.join(os.path.dirname(_HERE), ".venv")
+        lib = os.path.join(venv, "lib", f"python{sys.version_info[0]}.{sys.version_info[1]}", "site-packages")
+        if not os.path.isdir(lib):
+            raise RuntimeError(f"mfaguard venv not found: {lib} does not exist (set venv=PATH on the PAM line)")
+        before = list(sys.path)
+        site.addsitedir(lib)
+        added = [p for p in sys.path if p not in before]
+        # The venv goes first: Debian's dist-packages holds an older cryptography.
+        sys.path[:] = added + before
+        from pam_module import adapter
+
+        _adapter = adapter
+    return _adapter
+
+
+def pam_sm_authenticate(pamh, flags, argv):
+    try:
+        return _load(argv).authenticate(pamh, flags, argv)
+    except BaseException:
+        _log_failure(argv, "authentication failed with an internal error")
+        return pamh.PAM_AUTH_ERR
+
+
+def pam_sm_setcred(pamh, flags, argv):
+    try:
+        return _load(argv).setcred(pamh, flags, argv)
+    except BaseException:
+        _log_failure(argv, "setcred failed with an internal error")
+        return pamh.PAM_CRED_ERR
+
+
+def pam_sm_acct_mgmt(pamh, flags, argv):
+    try:
+        return _load(argv).acct_mgmt(pamh, flags, argv)
+    except BaseException:
+        _log_failure(argv, "account check failed with an internal error")
+        return pamh.PAM_PERM_DENIED
