@@ -17,6 +17,7 @@ PAM, RADIUS, lockout and audit all key on the result. The mapping:
 
 from __future__ import annotations
 
+import re
 import unicodedata
 
 from devicedb.errors import InvalidUserName
@@ -78,8 +79,16 @@ def canonical_user(raw: str | bytes, rules: UsernameSettings) -> str:
     return name
 
 
+_DIGIT_RUN = re.compile(r"[0-9]{4,}")
+
+
 def safe_display(raw: object, limit: int = 64) -> str:
-    """A printable rendering of a name that was refused, for logs and audit rows."""
+    """A printable rendering of a name that was refused, for logs and audit rows.
+
+    Runs of four or more digits are masked: a code typed at the user-name prompt must not
+    reach the audit log through the name.
+    """
     text = raw.decode("utf-8", errors="backslashreplace") if isinstance(raw, bytes) else str(raw)
     shown = "".join(ch if ch.isprintable() and not ch.isspace() or ch == " " else f"\\x{ord(ch):02x}" for ch in text)
+    shown = _DIGIT_RUN.sub(lambda m: "#" * len(m.group()), shown)
     return shown[:limit] + ("…" if len(shown) > limit else "")

@@ -163,7 +163,13 @@ class Verifier:
                             decisions.append(self._decide(tx, batch_user, text, prehashed, context))
                     except Exception as exc:
                         log.exception("verification failed for %s", batch_user)
-                        decisions.append(Decision(Result.ERROR, describe_error(exc), batch_user))
+                        decision = Decision(Result.ERROR, describe_error(exc), batch_user)
+                        try:
+                            with tx.savepoint():
+                                tx.audit("auth", batch_user, context, reason=decision.reason)
+                        except Exception:
+                            log.exception("could not audit an error decision")
+                        decisions.append(decision)
         except Exception as exc:
             log.exception("group commit failed")
             reason = describe_error(exc)

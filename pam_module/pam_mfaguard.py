@@ -4,10 +4,11 @@
     account required  /lib/security/pam_python.so /PATH/pam_module/pam_mfaguard.py [options]
 
 pam_python's interpreter is isolated: it ignores PYTHONPATH and does not put this
-file's folder on sys.path. So this file finds the mfaguard venv (``venv=PATH``, or
-the ``.venv`` folder beside ``pam_module/``), adds its site-packages with
-site.addsitedir (which also runs the .pth files of an editable install) ahead of
-Debian's dist-packages, then hands over to pam_module.adapter.
+file's folder on sys.path. So this file puts mfaguard's own tree (the folder holding
+``pam_module/``) and the venv's site-packages (``venv=PATH``, or the ``.venv`` folder
+beside ``pam_module/``) ahead of Debian's dist-packages, then hands over to
+pam_module.adapter. Should that import fail, it falls back to site.addsitedir, which
+also runs the venv's .pth files (an editable install's finder).
 
 Whatever goes wrong here, the answer is a failure, never PAM_SUCCESS or PAM_IGNORE.
 """
@@ -53,12 +54,21 @@ def _load(argv):
         lib = os.path.join(venv, "lib", f"python{sys.version_info[0]}.{sys.version_info[1]}", "site-packages")
         if not os.path.isdir(lib):
             raise RuntimeError(f"mfaguard venv not found: {lib} does not exist (set venv=PATH on the PAM line)")
-        before = list(sys.path)
-        site.addsitedir(lib)
-        added = [p for p in sys.path if p not in before]
-        # The venv goes first: Debian's dist-packages holds an older cryptography.
-        sys.path[:] = added + before
-        from pam_module import adapter
+        # This file sits in mfaguard's own tree (a checkout, or site-packages for a plain install),
+        # so that tree goes first, then the venv ahead of Debian's dist-packages (which holds an
+        # older cryptography). Putting the tree on the path directly spares every login the
+        # editable-install finder that site.addsitedir would import (about 20 ms).
+        source = os.path.dirname(_HERE)
+        sys.path[:] = [source, lib] + [p for p in sys.path if p not in (source, lib)]
+        try:
+            from pam_module import adapter
+        except ImportError:
+            # A layout the fast path does not know: let site process the venv's .pth files.
+            before = [p for p in sys.path if p not in (source, lib)]
+            site.addsitedir(lib)
+            added = [p for p in sys.path if p not in before]
+            sys.path[:] = added + before
+            from pam_module import adapter
 
         _adapter = adapter
     return _adapter
