@@ -32,6 +32,7 @@ EVENTS = frozenset(
         "device_enabled",
         "device_disabled",
         "device_renamed",
+        "device_resynced",
         "backup_codes_generated",
         "backup_code_used",
         "lock",

@@ -12,7 +12,7 @@ from typing import Any
 
 from devicedb import backup_codes
 from devicedb.errors import InvalidInput, LockoutGuardError
-from devicedb.kinds import totp
+from devicedb.kinds import hotp, totp
 from devicedb.models import Context, Device, LockState, Requirement
 from devicedb.policy import grace_applies, is_exempt
 from devicedb.store import Store, Tx
@@ -116,6 +116,73 @@ class DeviceManager:
             secret, user=user, issuer=self.settings.issuer, digits=digits, algorithm=algorithm, period=period
         )
         return TotpEnrollment(device, totp.b32(secret), uri)
+
+    def enroll_hotp(
+        self,
+        raw_user: str,
+        context: Context,
+        *,
+        secret: bytes,
+        label: str | None = None,
+        digits: int = 6,
+        algorithm: str = "sha1",
+        counter: int = 0,
+        look_ahead: int = hotp.DEFAULT_LOOK_AHEAD,
+        resync_window: int = hotp.DEFAULT_RESYNC_WINDOW,
+    ) -> Device:
+        """An HOTP hardware token, active at once: its seed comes from the vendor, not from a QR code."""
+        user = self.canonical(raw_user)
+        algorithm = algorithm.lower()
+        hotp.validate_params(digits, algorithm, counter, look_ahead, resync_window)
+        if len(secret) < 10:
+            raise InvalidInput("an HOTP secret must be at least 80 bits (10 bytes)")
+        weak = len(secret) < 16
+        with self.store.transaction() as tx:
+            device_id = tx.insert_device(
+                user=user,
+                kind=hotp.KIND,
+                label=label or "HOTP token",
+                secret=secret,
+                fingerprint_domain=hotp.FINGERPRINT_DOMAIN,
+                fingerprint_material=secret,
+                max_devices=self.settings.max_devices,
+                algorithm=algorithm,
+                digits=digits,
+                next_counter=counter,
+                params={"look_ahead": look_ahead, "resync_window": resync_window, **({"weak": True} if weak else {})},
+            )
+            tx.audit(
+                "device_added",
+                user,
+                context,
+                device_id=device_id,
+                reason="active",
+                detail={"kind": hotp.KIND, "digits": digits, "algorithm": algorithm, "counter": counter},
+            )
+            return tx.device(user, device_id)
+
+    def resync(self, raw_user: str, device_id: int, first: str, second: str, context: Context) -> int:
+        """Re-synchronise an HOTP token from two consecutive codes. Returns the new next counter."""
+        user = self.canonical(raw_user)
+        with self.store.transaction() as tx:
+            device = tx.device(user, device_id)
+            if device.kind != hotp.KIND:
+                raise InvalidInput(f"device {device_id} is a {device.kind} device; resync applies to HOTP tokens")
+            found = hotp.find_consecutive(device, tx.open_secret(device), first, second)
+            if found is None or not tx.set_counter(device, found + 1):
+                raise InvalidInput(
+                    f"the two codes are not consecutive codes of device {device_id} within the next "
+                    f"{hotp.ADMIN_RESYNC_WINDOW} counters; press the token's button twice and give both codes in order"
+                )
+            tx.audit(
+                "device_resynced",
+                user,
+                context,
+                device_id=device_id,
+                reason="by administrator",
+                detail={"next_counter": found + 1},
+            )
+        return found + 1
 
     def discard_pending(self, raw_user: str, device_id: int, context: Context) -> bool:
         """Remove an enrollment that was never confirmed. False if it is no longer pending."""

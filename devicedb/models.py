@@ -93,6 +93,8 @@ class Device:
     pending: bool
     created_at: float
     last_used_at: float | None
+    resync_counter: int | None = None
+    resync_at: float | None = None
 
     @property
     def usable(self) -> bool:
@@ -150,7 +152,7 @@ class Advance:
 
     field: str
     new_value: int
-    extra: dict[str, int] = dataclass_field(default_factory=dict)
+    extra: dict[str, int | float | None] = dataclass_field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,10 @@ CREATE TABLE devices (
     enabled INTEGER NOT NULL DEFAULT 1 CHECK (enabled IN (0, 1)),
     pending INTEGER NOT NULL DEFAULT 0 CHECK (pending IN (0, 1)),
     created_at REAL NOT NULL,
-    last_used_at REAL
+    last_used_at REAL,
+    -- HOTP re-synchronisation: a code seen beyond the look-ahead, waiting for its successor.
+    resync_counter INTEGER,
+    resync_at REAL
 )
 """,
     """

@@ -40,12 +40,12 @@ Clock = Callable[[], float]
 
 # The only columns an Advance may move.
 _ADVANCE_FIELDS = frozenset({"last_step", "next_counter", "sign_count"})
-_EXTRA_FIELDS = frozenset({"drift"})
+_EXTRA_FIELDS = frozenset({"drift", "resync_counter", "resync_at"})
 MAX_LABEL_CHARS = 64
 
 _DEVICE_COLUMNS = (
     "id, user, kind, label, algorithm, digits, period, secret, last_step, next_counter, sign_count,"
-    " drift, params, enabled, pending, created_at, last_used_at"
+    " drift, params, enabled, pending, created_at, last_used_at, resync_counter, resync_at"
 )
 
 
@@ -72,6 +72,8 @@ def _device(r: tuple[Any, ...]) -> Device:
         pending=bool(r[14]),
         created_at=r[15],
         last_used_at=r[16],
+        resync_counter=r[17],
+        resync_at=r[18],
     )
 
 
@@ -234,6 +236,25 @@ class Tx:
             f"UPDATE devices SET {', '.join(assignments)} WHERE id = ? AND user = ? AND enabled = 1"
             f" AND pending = 0 AND ({advance.field} IS NULL OR {advance.field} < ?)",
             args,
+        )
+        return cur.rowcount == 1
+
+    def note_state(self, device: Device, note: dict[str, int | float | None]) -> None:
+        """Record state a failed attempt leaves behind (an HOTP code awaiting its successor)."""
+        if not note or not set(note) <= _EXTRA_FIELDS:
+            raise ValueError(f"cannot note {sorted(note)}")
+        names = sorted(note)
+        self.conn.execute(
+            f"UPDATE devices SET {', '.join(f'{n} = ?' for n in names)} WHERE id = ? AND user = ?",
+            [note[n] for n in names] + [device.id, device.user],
+        )
+
+    def set_counter(self, device: Device, next_counter: int) -> bool:
+        """An administrator's resync: set the next expected counter, forward only."""
+        cur = self.conn.execute(
+            "UPDATE devices SET next_counter = ?, resync_counter = NULL, resync_at = NULL"
+            " WHERE id = ? AND user = ? AND (next_counter IS NULL OR next_counter < ?)",
+            (next_counter, device.id, device.user, next_counter),
         )
         return cur.rowcount == 1
 

@@ -244,6 +244,10 @@ class Verifier:
             if found.replay:
                 replayed = True
                 continue
+            if found.advance is None:
+                if found.note:
+                    tx.note_state(device, found.note)
+                continue
             if tx.advance(device, found.advance):
                 tx.record_success(user)
                 detail = {"kind": device.kind, "offset": found.offset}
@@ -251,7 +255,7 @@ class Verifier:
                 return Decision(Result.ACCEPTED, "accepted", user, device.id)
             replayed = True  # another process advanced the state first
         if replayed:
-            device_id = matches[0][0].id if matches else None
+            device_id = next((d.id for d, m in matches if m.replay or m.advance is not None), None)
             return self._fail(tx, user, context, Result.REPLAY, "replay: code already used", device_id)
         if unreadable:
             reason = f"error: sealed secret of device(s) {unreadable} does not open"
@@ -322,7 +326,7 @@ class Verifier:
                 found = None
                 if kind is not None:
                     found = kind.match(device, tx.open_secret(device), code, tx.now, self.settings.totp.window)
-                if found is None:
+                if found is None or found.advance is None or found.replay:
                     tx.audit("auth", user, context, reason="enrollment code did not verify", device_id=device_id)
                     return Decision(Result.BAD_CODE, "enrollment code did not verify", user, device_id)
                 if not tx.confirm_device(device, found.advance):

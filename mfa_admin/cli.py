@@ -123,6 +123,8 @@ def _device_params(d: Device) -> str:
     parts = []
     if d.kind == "totp":
         parts.append(f"{d.digits} digits, {(d.algorithm or 'sha1').upper()}, {d.period}s")
+    elif d.kind == "hotp":
+        parts.append(f"{d.digits} digits, {(d.algorithm or 'sha1').upper()}, next counter {d.next_counter}")
     if d.drift:
         parts.append(f"drift {d.drift:+d}")
     if d.params.get("weak"):
@@ -248,6 +250,31 @@ class App:
             "and run the command again (or use --no-confirm in scripts).\n"
         )
         return EXIT_REJECTED
+
+    def cmd_enroll_hotp(self) -> int:
+        a = self.args
+        secret = read_seed(a.secret_file)
+        device = DeviceManager(self.store).enroll_hotp(
+            a.user,
+            admin_context(),
+            secret=secret,
+            label=a.label,
+            digits=a.digits,
+            algorithm=a.algorithm,
+            counter=a.counter,
+            look_ahead=a.look_ahead,
+            resync_window=a.resync_window,
+        )
+        self.say(f"Device {device.id} ({device.label}) is active for {device.user}: {_device_params(device)}.")
+        if device.params.get("weak"):
+            self.err.write("warning: this secret is shorter than 128 bits; it is kept and flagged weak\n")
+        return EXIT_OK
+
+    def cmd_devices_resync(self) -> int:
+        a = self.args
+        counter = DeviceManager(self.store).resync(a.user, a.device, a.code1, a.code2, admin_context())
+        self.say(f"device {a.device} re-synchronised; next counter {counter}")
+        return EXIT_OK
 
     # -- devices ------------------------------------------------------------------------------
     def cmd_devices_list(self) -> int:
@@ -498,6 +525,27 @@ class App:
         return EXIT_OK if report.ok else EXIT_REJECTED
 
 
+def read_seed(path: str | None) -> bytes:
+    """A token seed, hex or base32, from a file or stdin: never from the command line (ps shows it)."""
+    import base64
+    import binascii
+
+    if path in (None, "-"):
+        text = getpass.getpass("Token seed (hex or base32): ") if sys.stdin.isatty() else sys.stdin.readline()
+    else:
+        with open(path, encoding="ascii", errors="strict") as f:
+            text = f.readline()
+    text = text.strip().replace(" ", "")
+    if not text:
+        raise CliError("no seed given; put the hex or base32 seed on standard input or in --secret-file", EXIT_USAGE)
+    try:
+        if len(text) % 2 == 0 and all(c in "0123456789abcdefABCDEF" for c in text):
+            return bytes.fromhex(text)
+        return base64.b32decode(text.upper() + "=" * (-len(text) % 8))
+    except (ValueError, binascii.Error):
+        raise CliError("the seed is neither hex nor base32", EXIT_REFUSED) from None
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text, 10)
@@ -570,6 +618,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-confirm", action="store_true", help="activate at once without asking for a code (scripts)")
     p.add_argument("--no-qr", action="store_true", help="print the URI only, no QR code")
 
+    p = add(
+        enroll_sub,
+        "hotp",
+        App.cmd_enroll_hotp,
+        "enroll an HOTP hardware token from its seed (read from stdin or --secret-file, hex or base32)",
+    )
+    p.add_argument("user", metavar="USER")
+    p.add_argument("--label", help="a name for the token, such as its serial (default: 'HOTP token')")
+    p.add_argument("--secret-file", metavar="FILE", help="file whose first line is the seed (default: stdin)")
+    p.add_argument("--digits", type=int, choices=(6, 8), default=6, help="code length (default 6)")
+    p.add_argument("--algorithm", choices=("sha1", "sha256", "sha512"), default="sha1", help="HMAC (default sha1)")
+    p.add_argument("--counter", type=int, default=0, help="the token's next counter (default 0)")
+    p.add_argument("--look-ahead", type=int, default=10, help="counters checked past the next one (default 10)")
+    p.add_argument(
+        "--resync-window", type=int, default=100, help="how far two consecutive codes may re-synchronise (default 100)"
+    )
+
     devices = group("devices", "list and manage devices")
     dev_sub = devices.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = add(dev_sub, "list", App.cmd_devices_list, "list devices, of one user or of everybody")
@@ -585,6 +650,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("device", metavar="DEVICE", type=_positive_int, help="device id, from `devices list`")
         if name != "enable":
             p.add_argument("--force", action="store_true", help="allow leaving root with no active device")
+    p = add(dev_sub, "resync", App.cmd_devices_resync, "re-synchronise an HOTP token from two consecutive codes")
+    p.add_argument("user", metavar="USER")
+    p.add_argument("device", metavar="DEVICE", type=_positive_int)
+    p.add_argument("code1", metavar="CODE1", help="a code from the token")
+    p.add_argument("code2", metavar="CODE2", help="the code the next button press gives")
     p = add(dev_sub, "rename", App.cmd_devices_rename, "change a device's label")
     p.add_argument("user", metavar="USER")
     p.add_argument("device", metavar="DEVICE", type=_positive_int)

@@ -18,6 +18,7 @@ from devicedb.models import Advance
 
 _MODULES = {
     "totp": "devicedb.kinds.totp",
+    "hotp": "devicedb.kinds.hotp",
 }
 
 KIND_NAMES = tuple(_MODULES)
@@ -25,10 +26,15 @@ KIND_NAMES = tuple(_MODULES)
 
 @dataclass(frozen=True)
 class Match:
-    advance: Advance
-    replay: bool
+    """What a code did to a device: an ``advance`` when it is accepted (subject to the
+    conditional UPDATE), ``replay`` when it is an old one, or a ``note`` of state that a
+    failed attempt leaves behind (an HOTP code beyond the look-ahead, kept for a resync)."""
+
+    advance: Advance | None
+    replay: bool = False
     # Steps or counters between the expected position and the matched one, for the audit row.
     offset: int = 0
+    note: dict[str, int | float | None] | None = None
 
 
 def get_kind(name: str) -> ModuleType | None:

@@ -202,3 +202,20 @@ def test_account_phase_denies_without_auth(mfa: Mfa, pam_service: Callable[..., 
     assert r.rc != 0, r
     assert "second factor is required" in r.text
     assert last_auth_reason(mfa, "root") == "account: this login did not pass the second factor"
+
+
+def test_hotp_token_through_pam(mfa: Mfa, pam_service: Callable[..., str]) -> None:
+    """A hardware token kind plugs in through the core: no change in the PAM module."""
+    from devicedb.kinds import hotp
+    from devicedb.manage import DeviceManager
+    from devicedb.models import Context
+
+    seed = b"12345678901234567890"
+    with mfa.store() as store:
+        DeviceManager(store).enroll_hotp("root", Context(service="test"), secret=seed)
+    service = pam_service(stack(mfa, options="tries=1"))
+    first = hotp.code_at(seed, 6, "sha1", 0)
+    assert pamtester(service, "root", [first], "authenticate", "acct_mgmt").rc == 0
+    assert pamtester(service, "root", [first]).rc != 0
+    assert last_auth_reason(mfa, "root") == "replay: code already used"
+    assert pamtester(service, "root", [hotp.code_at(seed, 6, "sha1", 3)]).rc == 0
