@@ -12,7 +12,7 @@ from typing import Any
 
 from devicedb import backup_codes
 from devicedb.errors import InvalidInput, LockoutGuardError
-from devicedb.kinds import hotp, totp
+from devicedb.kinds import hotp, totp, yubico
 from devicedb.models import Context, Device, LockState, Requirement
 from devicedb.policy import grace_applies, is_exempt
 from devicedb.store import Store, Tx
@@ -158,6 +158,42 @@ class DeviceManager:
                 device_id=device_id,
                 reason="active",
                 detail={"kind": hotp.KIND, "digits": digits, "algorithm": algorithm, "counter": counter},
+            )
+            return tx.device(user, device_id)
+
+    def enroll_yubico(
+        self,
+        raw_user: str,
+        context: Context,
+        *,
+        public_id: str,
+        private_id: bytes,
+        aes_key: bytes,
+        label: str | None = None,
+    ) -> Device:
+        """A YubiKey's Yubico OTP slot, from its public id, private id and AES key; active at once."""
+        user = self.canonical(raw_user)
+        public_id = public_id.strip().lower()
+        yubico.validate(public_id, private_id, aes_key)
+        with self.store.transaction() as tx:
+            device_id = tx.insert_device(
+                user=user,
+                kind=yubico.KIND,
+                label=label or f"YubiKey {public_id}",
+                secret=aes_key + private_id,
+                fingerprint_domain=yubico.FINGERPRINT_DOMAIN,
+                fingerprint_material=aes_key,
+                max_devices=self.settings.max_devices,
+                next_counter=0,
+                params={"public_id": public_id},
+            )
+            tx.audit(
+                "device_added",
+                user,
+                context,
+                device_id=device_id,
+                reason="active",
+                detail={"kind": yubico.KIND, "public_id": public_id},
             )
             return tx.device(user, device_id)
 

@@ -123,6 +123,8 @@ def _device_params(d: Device) -> str:
     parts = []
     if d.kind == "totp":
         parts.append(f"{d.digits} digits, {(d.algorithm or 'sha1').upper()}, {d.period}s")
+    elif d.kind == "yubico":
+        parts.append(f"public id {d.params.get('public_id')}, next counter {d.next_counter}")
     elif d.kind == "hotp":
         parts.append(f"{d.digits} digits, {(d.algorithm or 'sha1').upper()}, next counter {d.next_counter}")
     if d.drift:
@@ -268,6 +270,19 @@ class App:
         self.say(f"Device {device.id} ({device.label}) is active for {device.user}: {_device_params(device)}.")
         if device.params.get("weak"):
             self.err.write("warning: this secret is shorter than 128 bits; it is kept and flagged weak\n")
+        return EXIT_OK
+
+    def cmd_enroll_yubico(self) -> int:
+        a = self.args
+        key = read_seed(a.secret_file, prompt="AES key (32 hex digits): ")
+        try:
+            private_id = bytes.fromhex(a.private_id)
+        except ValueError:
+            raise CliError(f"--private-id {a.private_id!r} is not hex (12 hex digits)", EXIT_REFUSED) from None
+        device = DeviceManager(self.store).enroll_yubico(
+            a.user, admin_context(), public_id=a.public_id, private_id=private_id, aes_key=key, label=a.label
+        )
+        self.say(f"Device {device.id} ({device.label}) is active for {device.user}: {_device_params(device)}.")
         return EXIT_OK
 
     def cmd_devices_resync(self) -> int:
@@ -525,13 +540,13 @@ class App:
         return EXIT_OK if report.ok else EXIT_REJECTED
 
 
-def read_seed(path: str | None) -> bytes:
+def read_seed(path: str | None, prompt: str = "Token seed (hex or base32): ") -> bytes:
     """A token seed, hex or base32, from a file or stdin: never from the command line (ps shows it)."""
     import base64
     import binascii
 
     if path in (None, "-"):
-        text = getpass.getpass("Token seed (hex or base32): ") if sys.stdin.isatty() else sys.stdin.readline()
+        text = getpass.getpass(prompt) if sys.stdin.isatty() else sys.stdin.readline()
     else:
         with open(path, encoding="ascii", errors="strict") as f:
             text = f.readline()
@@ -634,6 +649,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resync-window", type=int, default=100, help="how far two consecutive codes may re-synchronise (default 100)"
     )
+
+    p = add(
+        enroll_sub,
+        "yubico",
+        App.cmd_enroll_yubico,
+        "enroll a YubiKey's Yubico OTP slot; the AES key is read from stdin or --secret-file (hex)",
+    )
+    p.add_argument("user", metavar="USER")
+    p.add_argument("--public-id", required=True, help="the key's public id: the first 12 modhex characters of an OTP")
+    p.add_argument("--private-id", required=True, help="the private id (uid), 12 hex digits")
+    p.add_argument("--secret-file", metavar="FILE", help="file whose first line is the AES key (default: stdin)")
+    p.add_argument("--label", help="a name for the key (default: 'YubiKey PUBLICID')")
 
     devices = group("devices", "list and manage devices")
     dev_sub = devices.add_subparsers(dest="action", metavar="ACTION", required=True)

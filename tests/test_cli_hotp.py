@@ -71,3 +71,15 @@ def test_resync_refuses_a_totp_device(tmp_path: Path) -> None:
     assert run(config, "enroll", "totp", "alice", "--no-confirm", "--no-qr")[0] == 0
     rc, _, err = run(config, "devices", "resync", "alice", "1", "123456", "654321")
     assert rc == 5 and "HOTP" in err
+
+
+def test_enroll_yubico(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    key = "0682952d3363f225654b58a73b131259"
+    args = ["enroll", "yubico", "alice", "--public-id", "ndgtriluugng", "--private-id", "c5fc55c3767f"]
+    rc, out, err = run(config, *args, stdin=key + "\n")
+    assert rc == 0, err
+    assert key not in out + err
+    assert run(config, "verify", "alice", "ndgtriluugngkuhguutjdfihfkleuvnjtjiljkbtbngb")[0] == 0
+    assert run(config, *args[:-1], "nothex", stdin=key + "\n")[0] == 5
+    assert run(config, *args, stdin=key + "\n")[0] == 5  # the same AES key twice

@@ -19,6 +19,7 @@ from devicedb.models import Advance
 _MODULES = {
     "totp": "devicedb.kinds.totp",
     "hotp": "devicedb.kinds.hotp",
+    "yubico": "devicedb.kinds.yubico",
 }
 
 KIND_NAMES = tuple(_MODULES)

@@ -219,3 +219,23 @@ def test_hotp_token_through_pam(mfa: Mfa, pam_service: Callable[..., str]) -> No
     assert pamtester(service, "root", [first]).rc != 0
     assert last_auth_reason(mfa, "root") == "replay: code already used"
     assert pamtester(service, "root", [hotp.code_at(seed, 6, "sha1", 3)]).rc == 0
+
+
+def test_yubico_otp_through_pam(mfa: Mfa, pam_service: Callable[..., str]) -> None:
+    from devicedb.manage import DeviceManager
+    from devicedb.models import Context
+
+    with mfa.store() as store:
+        DeviceManager(store).enroll_yubico(
+            "root",
+            Context(service="test"),
+            public_id="ndgtriluugng",
+            private_id=bytes.fromhex("c5fc55c3767f"),
+            aes_key=bytes.fromhex("0682952d3363f225654b58a73b131259"),
+        )
+    service = pam_service(stack(mfa, options="tries=1"))
+    second = "ndgtriluugnghggtkhvrbbrrgtdfeivgklbkviteggcu"  # (13, 1)
+    first = "ndgtriluugngkuhguutjdfihfkleuvnjtjiljkbtbngb"  # (13, 0)
+    assert pamtester(service, "root", [second], "authenticate", "acct_mgmt").rc == 0
+    assert pamtester(service, "root", [first]).rc != 0
+    assert last_auth_reason(mfa, "root") == "replay: code already used"
