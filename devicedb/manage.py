@@ -77,6 +77,7 @@ class DeviceManager:
         period: int | None = None,
         pending: bool = True,
         secret: bytes | None = None,
+        hardware: bool = False,
     ) -> TotpEnrollment:
         user = self.canonical(raw_user)
         defaults = self.settings.totp
@@ -84,11 +85,16 @@ class DeviceManager:
         algorithm = (defaults.algorithm if algorithm is None else algorithm).lower()
         period = defaults.period if period is None else period
         totp.validate_params(digits, algorithm, period)
+        params: dict[str, bool] = {}
         if secret is None:
             secret = totp.new_secret()
+        elif hardware and len(secret) >= 10:
+            params["hardware"] = True
+            if len(secret) < 16:
+                params["weak"] = True  # vendor seeds of 80 bits are common: kept, and flagged
         elif len(secret) < 16:
             raise InvalidInput("a TOTP secret must be at least 128 bits (16 bytes)")
-        label = label or "TOTP app"
+        label = label or ("TOTP token" if hardware else "TOTP app")
         with self.store.transaction() as tx:
             device_id = tx.insert_device(
                 user=user,
@@ -102,6 +108,7 @@ class DeviceManager:
                 digits=digits,
                 period=period,
                 pending=pending,
+                params=params,
             )
             tx.audit(
                 "device_added",
@@ -198,12 +205,33 @@ class DeviceManager:
             return tx.device(user, device_id)
 
     def resync(self, raw_user: str, device_id: int, first: str, second: str, context: Context) -> int:
-        """Re-synchronise an HOTP token from two consecutive codes. Returns the new next counter."""
+        """Re-synchronise a token from two consecutive codes.
+
+        Returns the new next counter (HOTP) or the new drift in steps (hardware TOTP)."""
         user = self.canonical(raw_user)
         with self.store.transaction() as tx:
             device = tx.device(user, device_id)
+            if device.kind == totp.KIND and device.params.get("hardware"):
+                step = totp.find_consecutive(device, tx.open_secret(device), first, second, tx.now)
+                drift = None if step is None else step - int(tx.now // (device.period or 30))
+                if step is None or drift is None or not tx.set_clock(device, step, drift):
+                    raise InvalidInput(
+                        f"the two codes are not consecutive codes of device {device_id} within a day of now; "
+                        "give two codes the token shows one after the other"
+                    )
+                tx.audit(
+                    "device_resynced",
+                    user,
+                    context,
+                    device_id=device_id,
+                    reason="by administrator",
+                    detail={"drift": drift},
+                )
+                return drift
             if device.kind != hotp.KIND:
-                raise InvalidInput(f"device {device_id} is a {device.kind} device; resync applies to HOTP tokens")
+                raise InvalidInput(
+                    f"device {device_id} is a {device.kind} device; resync applies to HOTP and hardware TOTP tokens"
+                )
             found = hotp.find_consecutive(device, tx.open_secret(device), first, second)
             if found is None or not tx.set_counter(device, found + 1):
                 raise InvalidInput(

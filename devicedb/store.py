@@ -249,6 +249,15 @@ class Tx:
             [note[n] for n in names] + [device.id, device.user],
         )
 
+    def set_clock(self, device: Device, last_step: int, drift: int) -> bool:
+        """An administrator's resync of a hardware TOTP token: new drift, replay state forward only."""
+        cur = self.conn.execute(
+            "UPDATE devices SET last_step = ?, drift = ? WHERE id = ? AND user = ?"
+            " AND (last_step IS NULL OR last_step < ?)",
+            (last_step, drift, device.id, device.user, last_step),
+        )
+        return cur.rowcount == 1
+
     def set_counter(self, device: Device, next_counter: int) -> bool:
         """An administrator's resync: set the next expected counter, forward only."""
         cur = self.conn.execute(

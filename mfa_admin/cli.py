@@ -127,8 +127,8 @@ def _device_params(d: Device) -> str:
         parts.append(f"public id {d.params.get('public_id')}, next counter {d.next_counter}")
     elif d.kind == "hotp":
         parts.append(f"{d.digits} digits, {(d.algorithm or 'sha1').upper()}, next counter {d.next_counter}")
-    if d.drift:
-        parts.append(f"drift {d.drift:+d}")
+    if d.drift or d.params.get("hardware"):
+        parts.append(f"drift {d.drift:+d} steps")
     if d.params.get("weak"):
         parts.append("WEAK secret")
     return "; ".join(parts)
@@ -287,8 +287,33 @@ class App:
 
     def cmd_devices_resync(self) -> int:
         a = self.args
-        counter = DeviceManager(self.store).resync(a.user, a.device, a.code1, a.code2, admin_context())
-        self.say(f"device {a.device} re-synchronised; next counter {counter}")
+        manager = DeviceManager(self.store)
+        result = manager.resync(a.user, a.device, a.code1, a.code2, admin_context())
+        device = next(d for d in manager.list_devices(a.user) if d.id == a.device)
+        if device.kind == "hotp":
+            self.say(f"device {a.device} re-synchronised; next counter {result}")
+        else:
+            self.say(f"device {a.device} re-synchronised; clock drift {result:+d} steps")
+        return EXIT_OK
+
+    def cmd_enroll_totp_token(self) -> int:
+        a = self.args
+        secret = read_seed(a.secret_file)
+        enrollment = DeviceManager(self.store).enroll_totp(
+            a.user,
+            admin_context(),
+            label=a.label,
+            digits=a.digits,
+            algorithm=a.algorithm,
+            period=a.period,
+            pending=False,
+            secret=secret,
+            hardware=True,
+        )
+        device = enrollment.device
+        self.say(f"Device {device.id} ({device.label}) is active for {device.user}: {_device_params(device)}.")
+        if device.params.get("weak"):
+            self.err.write("warning: this secret is shorter than 128 bits; it is kept and flagged weak\n")
         return EXIT_OK
 
     # -- devices ------------------------------------------------------------------------------
@@ -650,6 +675,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--resync-window", type=int, default=100, help="how far two consecutive codes may re-synchronise (default 100)"
     )
 
+    p = add(
+        enroll_sub,
+        "totp-token",
+        App.cmd_enroll_totp_token,
+        "enroll a hardware TOTP token from its seed (stdin or --secret-file, hex or base32); its drift is learned",
+    )
+    p.add_argument("user", metavar="USER")
+    p.add_argument("--label", help="a name for the token, such as its serial (default: 'TOTP token')")
+    p.add_argument("--secret-file", metavar="FILE", help="file whose first line is the seed (default: stdin)")
+    p.add_argument("--digits", type=int, choices=(6, 8), help="code length (default: totp.digits)")
+    p.add_argument("--algorithm", choices=("sha1", "sha256", "sha512"), help="HMAC (default: totp.algorithm)")
+    p.add_argument("--period", type=int, choices=(30, 60), help="seconds per code (default: totp.period)")
     p = add(
         enroll_sub,
         "yubico",

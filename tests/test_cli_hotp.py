@@ -83,3 +83,22 @@ def test_enroll_yubico(tmp_path: Path) -> None:
     assert run(config, "verify", "alice", "ndgtriluugngkuhguutjdfihfkleuvnjtjiljkbtbngb")[0] == 0
     assert run(config, *args[:-1], "nothex", stdin=key + "\n")[0] == 5
     assert run(config, *args, stdin=key + "\n")[0] == 5  # the same AES key twice
+
+
+def test_enroll_totp_token_and_resync(tmp_path: Path) -> None:
+    import time
+
+    from devicedb.kinds import totp
+
+    config = make_config(tmp_path)
+    seed = bytes(range(1, 21))
+    rc, out, err = run(config, "enroll", "totp-token", "alice", "--label", "SN 1234", stdin=seed.hex() + "\n")
+    assert rc == 0, err
+    assert "drift +0 steps" in out
+    now = time.time()
+    codes = [totp.code_at(seed, 6, "sha1", 30, now + 30 * k) for k in (40, 41)]
+    rc, out, err = run(config, "devices", "resync", "alice", "1", *codes)
+    assert rc == 0, err
+    assert "clock drift +41 steps" in out
+    rc, out, _ = run(config, "devices", "list", "alice")
+    assert "drift +41 steps" in out

@@ -87,7 +87,36 @@ def match(device: Device, secret: bytes, code: str, now: float, window: int) -> 
         return None
     step = max(matched)
     replay = device.last_step is not None and step <= device.last_step
-    return Match(advance=Advance("last_step", step), replay=replay, offset=step - current)
+    extra: dict[str, int | float | None] = {}
+    if device.params.get("hardware"):
+        # A hardware token's clock runs away slowly and cannot be set: learn its offset from
+        # every success, so that the ±window stays centred on where the token really is.
+        extra["drift"] = (device.drift or 0) + (step - current)
+    return Match(advance=Advance("last_step", step, extra), replay=replay, offset=step - current)
+
+
+# How far an administrator's `devices resync` looks for a hardware token's clock: ±1 day of steps.
+ADMIN_RESYNC_SECONDS = 86400
+
+
+def find_consecutive(device: Device, secret: bytes, first: str, second: str, now: float) -> int | None:
+    """The step of ``second`` when it directly follows ``first`` within ±1 day of now (admin resync)."""
+    digits = device.digits or 6
+    period = device.period or 30
+    algorithm = device.algorithm or "sha1"
+    if not (is_digit_code(first, digits) and is_digit_code(second, digits)) or algorithm not in ALGORITHMS:
+        return None
+    generator = otp(secret, digits, algorithm)
+    current = int(now // period)
+    span = ADMIN_RESYNC_SECONDS // period
+    a, b = first.encode("ascii"), second.encode("ascii")
+    found = None
+    for step in range(max(0, current - span), current + span):
+        if hmac.compare_digest(generator.generate_otp(step).encode("ascii"), a) and hmac.compare_digest(
+            generator.generate_otp(step + 1).encode("ascii"), b
+        ):
+            found = step + 1
+    return found
 
 
 def describe(device: Device) -> dict[str, Any]:
