@@ -1,0 +1,189 @@
+"""mfa-radiusd --config FILE [--check]: the RADIUS server, in the foreground, logging to stderr."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+from dataclasses import dataclass
+
+from devicedb import Settings, Store, Verifier, load_settings
+from devicedb.errors import ConfigError, MfaguardError, UnsafePathError
+from radius_server import protocol as p
+from radius_server.firstfactor import FirstFactor, check_service
+from radius_server.server import ClientTable, RadiusServer, bind_socket, build_clients
+
+log = logging.getLogger("mfa-radiusd")
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_CONFIG = 3
+EXIT_DATABASE = 4
+EXIT_PORT = 5
+
+
+@dataclass
+class Loaded:
+    settings: Settings
+    clients: ClientTable
+    first_factor: FirstFactor
+
+
+def load(path: str, types: p.AttributeTypes) -> Loaded:
+    """Load and check everything a start or a reload needs. Raises MfaguardError."""
+    settings = load_settings(path, require_file=True)
+    radius = settings.radius
+    if any(c.secret is not None for c in radius.clients):
+        st = os.stat(path)
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(
+                f"{path}: holds inline RADIUS secrets but is readable by group or others; "
+                f"chmod 600 {path}, or move the secrets to secret_file"
+            )
+    clients = build_clients(settings, types)
+    needs_password = any(c.mode != "otp-only" for c in radius.clients)
+    if radius.first_factor != "none":
+        check_service(radius.first_factor)
+    elif needs_password:  # parse_settings refuses this already; keep the front end closed anyway
+        raise ConfigError(f"{path}: radius.first_factor none needs every client in mode otp-only")
+    service = None if radius.first_factor == "none" else radius.first_factor
+    return Loaded(settings, clients, FirstFactor(service))
+
+
+def log_to_file(settings: Settings) -> None:
+    """Warnings and tracebacks also go to logging.file (the front ends' daemon log); stderr has everything."""
+    path = settings.logging.file
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        handler = logging.FileHandler(path, encoding="utf-8")
+    except OSError as exc:
+        log.warning("cannot write the log file %s (%s); logging to stderr only", path, exc.strerror or exc)
+        return
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("%(asctime)s mfa-radiusd[%(process)d] %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(handler)  # the core's "mfaguard" logger too
+
+
+def open_verifier(settings: Settings) -> Verifier:
+    """A Verifier whose store opens now, so that a missing or unsafe database stops the start."""
+    store = Store.open(settings)
+    return Verifier(settings, store=store)
+
+
+def bind_all(settings: Settings) -> list[socket.socket]:
+    sockets: list[socket.socket] = []
+    try:
+        for host, port in settings.radius.listen:
+            try:
+                sockets.append(bind_socket(host, port))
+            except OSError as exc:
+                shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                if exc.errno == errno.EADDRINUSE:
+                    raise PortInUse(
+                        f"{shown} is already in use (another mfa-radiusd or RADIUS server holds it); refusing to start"
+                    ) from None
+                raise PortInUse(f"cannot listen on {shown}: {exc.strerror}") from None
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+class PortInUse(Exception):
+    pass
+
+
+async def serve(path: str, loaded: Loaded, types: p.AttributeTypes, sockets: list[socket.socket]) -> int:
+    loop = asyncio.get_running_loop()
+    verifier = open_verifier(loaded.settings)
+    server = RadiusServer(loaded.settings, loaded.clients, types, loaded.first_factor, verifier)
+    await server.start(sockets)
+    stop = asyncio.Event()
+
+    def reload() -> None:
+        try:
+            new = load(path, types)
+            new_verifier = open_verifier(new.settings)
+        except (MfaguardError, OSError) as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            return
+        if new.settings.radius.listen != server.settings.radius.listen:
+            log.warning("radius.listen changed: restart mfa-radiusd to listen on the new addresses")
+        server.reload(new.settings, new.clients, new.first_factor, new_verifier)
+        log.info("reloaded %s: %d clients", path, len(new.settings.radius.clients))
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    shown = ", ".join(
+        f"[{h}]:{s.getsockname()[1]}" if ":" in h else f"{h}:{s.getsockname()[1]}"
+        for (h, _), s in zip(loaded.settings.radius.listen, sockets, strict=True)
+    )
+    log.info("mfa-radiusd %d listening on %s (%d clients)", os.getpid(), shown, len(loaded.settings.radius.clients))
+    await stop.wait()
+    log.info("stopping")
+    await server.stop()
+    log.info("stopped")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mfa-radiusd", description="mfaguard RADIUS server (foreground)")
+    parser.add_argument("--config", required=True, help="the mfaguard.yaml to use (required)")
+    parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
+    parser.add_argument("--debug", action="store_true", help="log every dropped packet")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s mfa-radiusd[%(process)d] %(levelname)s %(message)s",
+    )
+    types = p.AttributeTypes.load()
+    try:
+        loaded = load(args.config, types)
+        if args.check:
+            open_verifier(loaded.settings).close()
+            print(f"{args.config}: configuration OK ({len(loaded.settings.radius.clients)} clients)")
+            return EXIT_OK
+    except UnsafePathError as exc:
+        log.error("%s", exc)
+        return EXIT_DATABASE
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return EXIT_CONFIG
+    except MfaguardError as exc:
+        log.error("%s", exc)
+        return EXIT_DATABASE
+    log_to_file(loaded.settings)
+    try:
+        sockets = bind_all(loaded.settings)
+    except PortInUse as exc:
+        log.error("%s", exc)
+        return EXIT_PORT
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        runner = asyncio.run
+    try:
+        return runner(serve(args.config, loaded, types, sockets))
+    except MfaguardError as exc:
+        log.error("%s", exc)
+        return EXIT_DATABASE
+    finally:
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
