@@ -24,6 +24,10 @@ def _derive(master: bytes, label: bytes) -> bytes:
     return hmac.new(master, b"mfaguard/" + label, hashlib.sha256).digest()
 
 
+def _token_aad(serial: str) -> bytes:
+    return b"mfaguard-token-v1\0" + serial.encode("utf-8")
+
+
 def _aad(device_id: int, user: str) -> bytes:
     # Binds a sealed secret to its row: moving it to another device or user breaks the tag.
     return b"mfaguard-seal-v1\0" + str(device_id).encode() + b"\0" + user.encode("utf-8")
@@ -91,6 +95,28 @@ class Keyring:
             raise SealError(
                 f"device {device_id}: sealed secret does not open for user {user!r}: "
                 "wrong key file, or the row was altered or moved"
+            ) from None
+
+    def seal_token(self, serial: str, secret: bytes) -> bytes:
+        """Seal an inventory token's seed, bound to its serial (it has no device or user yet)."""
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        nonce = secrets.token_bytes(_NONCE_BYTES)
+        return _SEAL_VERSION + nonce + AESGCM(self._seal_key).encrypt(nonce, secret, _token_aad(serial))
+
+    def open_token(self, serial: str, sealed: bytes) -> bytes:
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        if len(sealed) < 1 + _NONCE_BYTES + 16 or sealed[:1] != _SEAL_VERSION:
+            raise SealError(f"token {serial}: sealed seed has an unknown format")
+        try:
+            return AESGCM(self._seal_key).decrypt(
+                sealed[1 : 1 + _NONCE_BYTES], sealed[1 + _NONCE_BYTES :], _token_aad(serial)
+            )
+        except InvalidTag:
+            raise SealError(
+                f"token {serial}: sealed seed does not open: wrong key file, or the row was altered"
             ) from None
 
     def fingerprint(self, domain: str, material: bytes) -> str:

@@ -83,6 +83,24 @@ CREATE TABLE audit (
 )
 """,
     """
+CREATE TABLE tokens (
+    serial TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    secret BLOB NOT NULL,
+    fingerprint TEXT NOT NULL UNIQUE,
+    algorithm TEXT,
+    digits INTEGER,
+    period INTEGER,
+    counter INTEGER,
+    params TEXT NOT NULL DEFAULT '{}',
+    status TEXT NOT NULL DEFAULT 'unassigned' CHECK (status IN ('unassigned', 'assigned', 'revoked')),
+    device_id INTEGER,
+    user TEXT,
+    imported_at REAL NOT NULL,
+    source TEXT
+)
+""",
+    """
 CREATE TABLE auth_tickets (
     digest TEXT PRIMARY KEY,
     user TEXT NOT NULL,

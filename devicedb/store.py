@@ -77,6 +77,52 @@ def _device(r: tuple[Any, ...]) -> Device:
     )
 
 
+_INVENTORY_COLUMNS = (
+    "serial, kind, secret, algorithm, digits, period, counter, params, status, user, device_id, imported_at, source"
+)
+
+
+@dataclass(frozen=True)
+class InventoryToken:
+    serial: str
+    kind: str
+    sealed_secret: bytes
+    algorithm: str | None
+    digits: int | None
+    period: int | None
+    counter: int | None
+    params: dict[str, Any]
+    status: str
+    user: str | None
+    device_id: int | None
+    imported_at: float
+    source: str | None
+
+    def public_dict(self) -> dict[str, Any]:
+        return {
+            "serial": self.serial,
+            "kind": self.kind,
+            "algorithm": self.algorithm,
+            "digits": self.digits,
+            "period": self.period,
+            "counter": self.counter,
+            "status": self.status,
+            "user": self.user,
+            "device_id": self.device_id,
+            "imported_at": self.imported_at,
+            "source": self.source,
+            "weak": bool(self.params.get("weak")),
+        }
+
+
+def _token(r: tuple[Any, ...]) -> InventoryToken:
+    try:
+        params = json.loads(r[7]) if r[7] else {}
+    except ValueError:
+        params = {}
+    return InventoryToken(r[0], r[1], bytes(r[2]), r[3], r[4], r[5], r[6], params, r[8], r[9], r[10], r[11], r[12])
+
+
 def _uri_path(path: str) -> str:
     # SQLite URI filenames: '%', '?' and '#' would be read as escapes, the query and a fragment.
     return path.replace("%", "%25").replace("?", "%3f").replace("#", "%23")
@@ -293,6 +339,70 @@ class Tx:
         device = self.device(user, device_id)
         self.conn.execute("DELETE FROM devices WHERE id = ? AND user = ?", (device_id, user))
         return device
+
+    # -- token inventory -------------------------------------------------------
+    def insert_token(
+        self,
+        *,
+        serial: str,
+        kind: str,
+        secret: bytes,
+        fingerprint_domain: str,
+        algorithm: str | None,
+        digits: int | None,
+        period: int | None,
+        counter: int | None,
+        params: dict[str, Any],
+        source: str,
+        where: str,
+    ) -> None:
+        fingerprint = self.keyring.fingerprint(fingerprint_domain, secret)
+        if self.conn.execute("SELECT 1 FROM tokens WHERE serial = ?", (serial,)).fetchone():
+            raise DuplicateDeviceError(f"{where}: serial {serial} is already in the inventory")
+        if self.conn.execute(
+            "SELECT 1 FROM tokens WHERE fingerprint = ? UNION SELECT 1 FROM devices WHERE fingerprint = ?",
+            (fingerprint, fingerprint),
+        ).fetchone():
+            raise DuplicateDeviceError(f"{where}: the seed of serial {serial} is already imported or enrolled")
+        self.conn.execute(
+            "INSERT INTO tokens (serial, kind, secret, fingerprint, algorithm, digits, period, counter, params,"
+            " imported_at, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                serial,
+                kind,
+                self.keyring.seal_token(serial, secret),
+                fingerprint,
+                algorithm,
+                digits,
+                period,
+                counter,
+                json.dumps(params, sort_keys=True),
+                self.now,
+                source,
+            ),
+        )
+
+    def tokens(self, status: str | None = None) -> list[InventoryToken]:
+        sql = f"SELECT {_INVENTORY_COLUMNS} FROM tokens"
+        args: tuple[Any, ...] = ()
+        if status is not None:
+            sql += " WHERE status = ?"
+            args = (status,)
+        return [_token(r) for r in self.conn.execute(sql + " ORDER BY serial", args)]
+
+    def token(self, serial: str) -> InventoryToken:
+        r = self.conn.execute(f"SELECT {_INVENTORY_COLUMNS} FROM tokens WHERE serial = ?", (serial,)).fetchone()
+        if r is None:
+            raise NotFound(f"no token with serial {serial!r} in the inventory; see `mfa-admin tokens list`")
+        return _token(r)
+
+    def open_token_secret(self, token: InventoryToken) -> bytes:
+        return self.keyring.open_token(token.serial, token.sealed_secret)
+
+    def set_token_status(self, serial: str, status: str, user: str | None, device_id: int | None) -> None:
+        self.conn.execute(
+            "UPDATE tokens SET status = ?, user = ?, device_id = ? WHERE serial = ?", (status, user, device_id, serial)
+        )
 
     # -- backup codes --------------------------------------------------------
     def backup_salt(self, user: str) -> bytes | None:

@@ -79,16 +79,18 @@ def canonical_user(raw: str | bytes, rules: UsernameSettings) -> str:
     return name
 
 
-_DIGIT_RUN = re.compile(r"[0-9]{4,}")
+_CODE_LIKE = re.compile(r"[0-9 -]{6,}", re.ASCII)
 
 
 def safe_display(raw: object, limit: int = 64) -> str:
     """A printable rendering of a name that was refused, for logs and audit rows.
 
-    Runs of four or more digits are masked: a code typed at the user-name prompt must not
-    reach the audit log through the name.
+    A name that is nothing but digits (with spaces or dashes), control characters aside,
+    is masked: that is a code typed at the user-name prompt, and it must not reach the
+    audit log through the name.
     """
     text = raw.decode("utf-8", errors="backslashreplace") if isinstance(raw, bytes) else str(raw)
+    if _CODE_LIKE.fullmatch("".join(ch for ch in text if ch.isprintable())):
+        return "#" * min(len(text), limit) + " (a code-like name, masked)"
     shown = "".join(ch if ch.isprintable() and not ch.isspace() or ch == " " else f"\\x{ord(ch):02x}" for ch in text)
-    shown = _DIGIT_RUN.sub(lambda m: "#" * len(m.group()), shown)
     return shown[:limit] + ("…" if len(shown) > limit else "")

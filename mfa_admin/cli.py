@@ -463,6 +463,94 @@ class App:
                 self.say("without an active device: " + ", ".join(result["uncovered"]))
         return EXIT_REJECTED if result["uncovered"] else EXIT_OK
 
+    # -- token inventory ---------------------------------------------------------------------
+    def _inventory(self) -> Any:
+        from devicedb.inventory import Inventory
+
+        return Inventory(self.store)
+
+    def cmd_tokens_import(self) -> int:
+        from pathlib import Path
+
+        from devicedb.importers import csvfile, pskc
+
+        a = self.args
+        try:
+            data = Path(a.file).read_bytes()
+        except OSError as exc:
+            raise CliError(f"{a.file}: {exc.strerror or exc}", EXIT_USAGE) from None
+        if a.format == "pskc":
+            key = None
+            if a.key_file:
+                key = read_seed(a.key_file, prompt="")
+            password = None
+            if a.password_file:
+                with open(a.password_file, encoding="utf-8") as f:
+                    password = f.readline().rstrip("\r\n")
+            elif a.password:
+                password = (
+                    getpass.getpass("PSKC password: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\r\n")
+                )
+            records = pskc.parse(data, key=key, password=password)
+        else:
+            records = csvfile.parse(data)
+        count = self._inventory().import_tokens(records, f"{a.format}:{os.path.basename(a.file)}", admin_context())
+        self.say(f"imported {count} token(s) from {a.file} into the inventory (unassigned)")
+        weak = [r.serial for r in records if len(r.secret) < 16]
+        if weak:
+            self.err.write(
+                f"warning: {len(weak)} token(s) have seeds under 128 bits, flagged weak: {', '.join(weak)}\n"
+            )
+        return EXIT_OK
+
+    def cmd_tokens_list(self) -> int:
+        tokens = self._inventory().list("unassigned" if self.args.unassigned else None)
+        if self.args.json:
+            json.dump([t.public_dict() for t in tokens], self.out, indent=2)
+            self.say()
+            return EXIT_OK
+        if not tokens:
+            self.say("no tokens")
+            return EXIT_OK
+        rows = [["SERIAL", "KIND", "PARAMETERS", "STATUS", "USER", "DEVICE", "IMPORTED", "SOURCE"]]
+        for t in tokens:
+            detail = f"{t.digits} digits, {(t.algorithm or 'sha1').upper()}"
+            detail += f", {t.period}s" if t.kind == "totp" else f", counter {t.counter}"
+            if t.params.get("weak"):
+                detail += ", WEAK seed"
+            rows.append(
+                [
+                    t.serial,
+                    t.kind,
+                    detail,
+                    t.status,
+                    t.user or "-",
+                    str(t.device_id or "-"),
+                    iso(t.imported_at),
+                    t.source or "-",
+                ]
+            )
+        _print_table(rows, self.out)
+        return EXIT_OK
+
+    def cmd_tokens_assign(self) -> int:
+        device_id = self._inventory().assign(self.args.serial, self.args.user, admin_context())
+        self.say(
+            f"token {self.args.serial} assigned to {DeviceManager(self.store).canonical(self.args.user)} "
+            f"as device {device_id}"
+        )
+        return EXIT_OK
+
+    def cmd_tokens_unassign(self) -> int:
+        token = self._inventory().unassign(self.args.serial, admin_context())
+        self.say(f"token {token.serial} taken back from {token.user}; it is unassigned again")
+        return EXIT_OK
+
+    def cmd_tokens_revoke(self) -> int:
+        token = self._inventory().revoke(self.args.serial, admin_context())
+        self.say(f"token {token.serial} revoked" + (f" and removed from {token.user}" if token.user else ""))
+        return EXIT_OK
+
     # -- PAM and doctor ----------------------------------------------------------------------
     def cmd_pam_install(self) -> int:
         from mfa_admin import pam_setup
@@ -747,6 +835,36 @@ def build_parser() -> argparse.ArgumentParser:
         "MFA coverage of every login-capable account, root first; exits 1 if any lacks an active device",
     )
     p.add_argument("--json", action="store_true", help="print JSON")
+
+    tokens = group("tokens", "the hardware token inventory: import seed files, assign tokens to users")
+    tokens_sub = tokens.add_subparsers(dest="action", metavar="ACTION", required=True)
+    imp = tokens_sub.add_parser(
+        "import",
+        help="import a vendor seed file (all or nothing)",
+        description="import a vendor seed file",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    imp_sub = imp.add_subparsers(dest="format", metavar="FORMAT", required=True)
+    p = add(imp_sub, "pskc", App.cmd_tokens_import, "import a PSKC (RFC 6030) file: plain, pre-shared key or password")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--key-file", metavar="FILE", help="file holding the pre-shared AES key, in hex")
+    p.add_argument("--password", action="store_true", help="ask for the PBKDF2 password (or read it from stdin)")
+    p.add_argument("--password-file", metavar="FILE", help="file whose first line is the PBKDF2 password")
+    p = add(
+        imp_sub, "csv", App.cmd_tokens_import, "import CSV lines: serial,seed(hex|base32),type,digits,period-or-counter"
+    )
+    p.add_argument("file", metavar="FILE")
+    p = add(tokens_sub, "list", App.cmd_tokens_list, "list the inventory")
+    p.add_argument("--unassigned", action="store_true", help="only tokens not yet given to anybody")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = add(tokens_sub, "assign", App.cmd_tokens_assign, "give a token to a user as one of their devices")
+    p.add_argument("serial", metavar="SERIAL")
+    p.add_argument("user", metavar="USER")
+    p = add(tokens_sub, "unassign", App.cmd_tokens_unassign, "take a token back: its device is removed")
+    p.add_argument("serial", metavar="SERIAL")
+    p = add(tokens_sub, "revoke", App.cmd_tokens_revoke, "revoke a token for good (lost or broken)")
+    p.add_argument("serial", metavar="SERIAL")
 
     pam = group("pam", "add mfaguard to a PAM stack, or take it out")
     pam_sub = pam.add_subparsers(dest="action", metavar="ACTION", required=True)
