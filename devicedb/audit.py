@@ -203,7 +203,22 @@ def verify_chain(raw_rows: Iterable[tuple[Any, ...]], key: bytes, sequence: int 
     return ChainReport(count, head_id, head_hash, tuple(problems))
 
 
+TRIGGERS = ("audit_append_only_update", "audit_append_only_delete")
+
+
 def verify(conn: sqlite3.Connection, key: bytes) -> ChainReport:
     seq = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'audit'").fetchone()
     cursor = conn.execute(f"SELECT {_COLUMNS} FROM audit ORDER BY id")
-    return verify_chain(cursor, key, seq[0] if seq else None)
+    report = verify_chain(cursor, key, seq[0] if seq else None)
+    problems = list(report.problems)
+    first = conn.execute("SELECT id, event FROM audit ORDER BY id LIMIT 1").fetchone()
+    if first is None:
+        # `mfa-admin init` writes the first row, so an initialised database never has an empty log.
+        problems.append(ChainProblem(0, "the log is empty: its rows were deleted, or the database was replaced"))
+    elif first[1] not in ("init", "migrate") and not any(p.row_id == first[0] for p in problems):
+        problems.append(ChainProblem(first[0], "the oldest row is not the init row: earlier rows were deleted"))
+    present = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
+    for name in TRIGGERS:
+        if name not in present:
+            problems.append(ChainProblem(0, f"the append-only trigger {name} is missing: somebody dropped it"))
+    return ChainReport(report.rows_checked, report.head_id, report.head_hash, tuple(problems))

@@ -16,6 +16,9 @@ CODE_DIGITS = 10
 SALT_BYTES = 16
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
 _FORMAT = re.compile(r"[0-9]{5}-?[0-9]{5}", re.ASCII)
+# Scratch codes migrated from google-authenticator are 8 plain digits.
+_LEGACY_FORMAT = re.compile(r"[0-9]{8}", re.ASCII)
+LEGACY_DIGITS = 8
 
 
 def generate() -> list[str]:
@@ -29,9 +32,10 @@ def display(code: str) -> str:
     return f"{code[:5]}-{code[5:]}"
 
 
-def normalise(response: str) -> str | None:
-    """The 10 digits of a response shaped like a backup code, else None."""
-    if not response.isascii() or _FORMAT.fullmatch(response) is None:
+def normalise(response: str, digits: int = CODE_DIGITS) -> str | None:
+    """The digits of a response shaped like a backup code of a set of that length, else None."""
+    pattern = _LEGACY_FORMAT if digits == LEGACY_DIGITS else _FORMAT
+    if not response.isascii() or pattern.fullmatch(response) is None:
         return None
     return response.replace("-", "")
 

@@ -27,6 +27,12 @@ def check_not_writable_by_others(path: str, st: os.stat_result, what: str) -> No
             f"{what} {path} is owned by uid {st.st_uid}; it must be owned by root. Fix: chown root:root {path}"
         )
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        if stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX:
+            # /tmp and the like: shared on purpose, so the fix is to move, not to chmod.
+            raise UnsafePathError(
+                f"{what} {path} is a shared folder (mode {describe_mode(st.st_mode)}) that anybody can write to; "
+                "keep mfaguard's files in a root-owned folder such as /var/lib/mfaguard or /etc/mfaguard"
+            )
         raise UnsafePathError(
             f"{what} {path} has mode {describe_mode(st.st_mode)}, writable by group or others; fix: chmod go-w {path}"
         )

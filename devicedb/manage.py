@@ -12,6 +12,7 @@ from typing import Any
 
 from devicedb import backup_codes
 from devicedb.errors import InvalidInput, LockoutGuardError
+from devicedb.importers.google_authenticator import GoogleAuthenticatorFile
 from devicedb.kinds import hotp, totp, yubico
 from devicedb.models import Context, Device, LockState, Requirement
 from devicedb.policy import grace_applies, is_exempt
@@ -248,6 +249,85 @@ class DeviceManager:
             )
         return found + 1
 
+    def migrate_google_authenticator(
+        self, raw_user: str, ga: GoogleAuthenticatorFile, context: Context
+    ) -> tuple[Device, list[str]]:
+        """One ~/.google_authenticator file: its secret becomes a device and its scratch codes backup
+        codes, in one transaction. Returns the device and how each option maps, for the operator."""
+        user = self.canonical(raw_user)
+        mapping = []
+        if ga.kind == "totp":
+            if ga.step not in totp.PERIODS:
+                raise InvalidInput(f"STEP_SIZE {ga.step} is not supported; mfaguard accepts 30 or 60")
+            mapping.append(f"TOTP_AUTH -> a TOTP device, period {ga.step} s")
+        else:
+            mapping.append(f"HOTP_COUNTER {ga.counter} -> an HOTP device, next counter {ga.counter}")
+        if ga.window is not None:
+            if ga.kind == "totp":
+                mapping.append(
+                    f"WINDOW_SIZE {ga.window} -> not per device in mfaguard: totp.window = {self.settings.totp.window}"
+                    f" step(s) either side applies to everybody"
+                )
+            else:
+                mapping.append(f"WINDOW_SIZE {ga.window} -> HOTP look-ahead {ga.window}")
+        mapping.append(
+            "DISALLOW_REUSE -> always on in mfaguard"
+            if ga.disallow_reuse
+            else "no DISALLOW_REUSE -> mfaguard refuses reuse anyway, which is stricter"
+        )
+        if ga.rate_limit is not None:
+            n, seconds = ga.rate_limit
+            lockout = self.settings.lockout
+            mapping.append(
+                f"RATE_LIMIT {n} {seconds} -> mfaguard's lockout applies instead: {lockout.max_failures} failures "
+                f"lock for {lockout.lock_seconds} s"
+            )
+        for name in ga.unknown_options:
+            mapping.append(f"{name} -> ignored (no mfaguard equivalent)")
+        if ga.weak:
+            mapping.append(f"the secret is {len(ga.secret) * 8} bits: kept working, and flagged weak; re-enroll soon")
+        salt = backup_codes.new_salt()
+        digests = [backup_codes.digest(code, salt) for code in ga.scratch_codes]
+        params: dict[str, object] = {"migrated": "google-authenticator", **({"weak": True} if ga.weak else {})}
+        if ga.kind == "hotp":
+            look_ahead = min(max(ga.window or hotp.DEFAULT_LOOK_AHEAD, 1), hotp.MAX_LOOK_AHEAD)
+            params |= {"look_ahead": look_ahead, "resync_window": max(look_ahead, hotp.DEFAULT_RESYNC_WINDOW)}
+        with self.store.transaction() as tx:
+            device_id = tx.insert_device(
+                user=user,
+                kind=ga.kind,
+                label="google-authenticator",
+                secret=ga.secret,
+                fingerprint_domain=totp.FINGERPRINT_DOMAIN,
+                fingerprint_material=ga.secret,
+                max_devices=self.settings.max_devices,
+                algorithm="sha1",
+                digits=6,
+                period=ga.step if ga.kind == "totp" else None,
+                next_counter=ga.counter if ga.kind == "hotp" else None,
+                params=params,
+            )
+            tx.audit(
+                "device_added",
+                user,
+                context,
+                device_id=device_id,
+                reason="migrated from google-authenticator",
+                detail={"kind": ga.kind, "weak": ga.weak},
+            )
+            if digests:
+                tx.replace_backup_codes(user, salt, digests, code_digits=backup_codes.LEGACY_DIGITS)
+                tx.audit(
+                    "backup_codes_generated",
+                    user,
+                    context,
+                    reason="scratch codes migrated",
+                    detail={"count": len(digests)},
+                )
+                mapping.append(f"{len(digests)} scratch code(s) -> backup codes (8 digits, each works once)")
+            device = tx.device(user, device_id)
+        return device, mapping
+
     def discard_pending(self, raw_user: str, device_id: int, context: Context) -> bool:
         """Remove an enrollment that was never confirmed. False if it is no longer pending."""
         user = self.canonical(raw_user)
@@ -360,7 +440,7 @@ class DeviceManager:
         grace = grace_applies(user, rules, self.settings.usernames, now)
         if exempt:
             requirement, why = Requirement.EXEMPT, exempt
-        elif grace and not devices:
+        elif grace and not [d for d in devices if not d.pending]:
             requirement, why = Requirement.GRACE, grace
         else:
             requirement, why = Requirement.REQUIRED, "second factor required"

@@ -45,7 +45,9 @@ CREATE TABLE devices (
 CREATE TABLE backup_code_sets (
     user TEXT PRIMARY KEY,
     salt BLOB NOT NULL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    -- 10 for mfaguard's own codes; 8 for scratch codes migrated from google-authenticator.
+    code_digits INTEGER NOT NULL DEFAULT 10
 )
 """,
     """

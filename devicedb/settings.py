@@ -575,12 +575,17 @@ def parse_settings(text: str, source: str = "<string>") -> Settings:
                 line = event.start_mark.line + 1 if event.start_mark is not None else "?"
                 raise ConfigError(f"{source}:{line}: YAML anchors and aliases are not allowed here")
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply; mfaguard settings are at most a few levels deep") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark is not None else source
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(f"{where}: not valid YAML: {problem}") from None
-    settings: Settings = _build(_SPEC, root, "", source)
+    try:
+        settings: Settings = _build(_SPEC, root, "", source)
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply; mfaguard settings are at most a few levels deep") from None
     settings = _replace_source(settings, source)
     _cross_checks(settings, source)
     return settings
@@ -628,7 +633,17 @@ def load_settings(
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{chosen}: not valid UTF-8 (byte {exc.start}); save the file as UTF-8") from None
-    return parse_settings(text, chosen)
+    settings = parse_settings(text, chosen)
+    inline = [c.name for c in settings.radius.clients if c.secret is not None]
+    if inline:
+        mode = os.stat(chosen).st_mode
+        if mode & 0o077:
+            raise ConfigError(
+                f"{chosen}: holds the inline RADIUS secret of client(s) {', '.join(inline)} and is readable by "
+                f"group or others (mode {oct(mode & 0o777)}); fix: chmod 600 {chosen}, or move the secrets to "
+                "secret_file"
+            )
+    return settings
 
 
 def settings_as_dict(settings: Settings) -> dict[str, Any]:

@@ -409,7 +409,7 @@ class Tx:
         r = self.conn.execute("SELECT salt FROM backup_code_sets WHERE user = ?", (user,)).fetchone()
         return bytes(r[0]) if r else None
 
-    def replace_backup_codes(self, user: str, salt: bytes, digests: list[bytes]) -> int:
+    def replace_backup_codes(self, user: str, salt: bytes, digests: list[bytes], code_digits: int = 10) -> int:
         """Void the old set and store the new one. Returns how many unused codes were voided."""
         (voided,) = self.conn.execute(
             "SELECT COUNT(*) FROM backup_codes WHERE user = ? AND used_at IS NULL", (user,)
@@ -417,7 +417,8 @@ class Tx:
         self.conn.execute("DELETE FROM backup_codes WHERE user = ?", (user,))
         self.conn.execute("DELETE FROM backup_code_sets WHERE user = ?", (user,))
         self.conn.execute(
-            "INSERT INTO backup_code_sets (user, salt, created_at) VALUES (?, ?, ?)", (user, salt, self.now)
+            "INSERT INTO backup_code_sets (user, salt, created_at, code_digits) VALUES (?, ?, ?, ?)",
+            (user, salt, self.now, code_digits),
         )
         self.conn.executemany("INSERT INTO backup_codes (user, digest) VALUES (?, ?)", [(user, d) for d in digests])
         return int(voided)
@@ -444,6 +445,10 @@ class Tx:
             return "replay" if spent else None
         cur = self.conn.execute("UPDATE backup_codes SET used_at = ? WHERE id = ? AND used_at IS NULL", (self.now, hit))
         return "used" if cur.rowcount == 1 else "replay"
+
+    def backup_code_digits(self, user: str) -> int | None:
+        r = self.conn.execute("SELECT code_digits FROM backup_code_sets WHERE user = ?", (user,)).fetchone()
+        return int(r[0]) if r else None
 
     def backup_codes_left(self, user: str) -> int:
         (n,) = self.conn.execute(
@@ -576,7 +581,9 @@ class Store:
         return cls(conn, keyring, settings, clock)
 
     @classmethod
-    def initialise(cls, settings: Settings, *, clock: Clock = time.time) -> InitReport:
+    def initialise(
+        cls, settings: Settings, *, clock: Clock = time.time, allow_new_database_with_old_key: bool = False
+    ) -> InitReport:
         """Create folders, key file and database with safe modes, or upgrade them. Idempotent."""
         db_path = settings.database.path
         key_path = settings.database.key_file
@@ -590,6 +597,15 @@ class Store:
             raise KeyFileError(
                 f"key file {key_path} is missing but database {db_path} exists: restore the key file from "
                 "backup. `mfa-admin init` creates a key only for a new database"
+            )
+        db_is_new = not os.path.lexists(db_path) or (os.path.isfile(db_path) and os.path.getsize(db_path) == 0)
+        if os.path.lexists(key_path) and db_is_new and not allow_new_database_with_old_key:
+            # The key outlives the database it was made with: an empty or missing database beside
+            # it is far more likely lost than new. Starting afresh silently would hide that.
+            raise SchemaError(
+                f"database {db_path} is missing or empty, but key file {key_path} already exists: the database "
+                "may have been lost or emptied. Restore it from backup; to start a new, empty one on purpose, "
+                "run `mfa-admin init --force`"
             )
         created_key = Keyring.create(key_path)
         keyring = Keyring.load(key_path)
@@ -665,11 +681,11 @@ class Store:
         with self.transaction() as tx:
             return tx.lock_state(user)
 
-    def backup_salt(self, user: str) -> bytes | None:
-        """The salt of the user's current set, read without taking the write lock."""
+    def backup_set(self, user: str) -> tuple[bytes, int] | None:
+        """The salt and code length of the user's current set, read without taking the write lock."""
         with self._lock:
-            r = self.conn.execute("SELECT salt FROM backup_code_sets WHERE user = ?", (user,)).fetchone()
-            return bytes(r[0]) if r else None
+            r = self.conn.execute("SELECT salt, code_digits FROM backup_code_sets WHERE user = ?", (user,)).fetchone()
+            return (bytes(r[0]), int(r[1])) if r else None
 
     def backup_codes_left(self, user: str) -> int:
         with self.transaction() as tx:

@@ -82,6 +82,19 @@ def canonical_user(raw: str | bytes, rules: UsernameSettings) -> str:
 _CODE_LIKE = re.compile(r"[0-9 -]{6,}", re.ASCII)
 
 
+def is_code_like(name: str) -> bool:
+    """A name that is nothing but digits (and spaces or dashes): most likely a code typed at the wrong prompt."""
+    return _CODE_LIKE.fullmatch("".join(ch for ch in name if ch.isprintable())) is not None
+
+
+def audit_name(user: str, *, known: bool) -> str:
+    """The name an audit row records. A code-like name with no device is masked: it is far more
+    likely a code typed at the user-name prompt than an account, and codes never reach the log."""
+    if not known and is_code_like(user):
+        return "#" * min(len(user), 64) + " (a code-like name, masked)"
+    return user
+
+
 def safe_display(raw: object, limit: int = 64) -> str:
     """A printable rendering of a name that was refused, for logs and audit rows.
 
@@ -90,7 +103,7 @@ def safe_display(raw: object, limit: int = 64) -> str:
     audit log through the name.
     """
     text = raw.decode("utf-8", errors="backslashreplace") if isinstance(raw, bytes) else str(raw)
-    if _CODE_LIKE.fullmatch("".join(ch for ch in text if ch.isprintable())):
+    if is_code_like(text):
         return "#" * min(len(text), limit) + " (a code-like name, masked)"
     shown = "".join(ch if ch.isprintable() and not ch.isspace() or ch == " " else f"\\x{ord(ch):02x}" for ch in text)
     return shown[:limit] + ("…" if len(shown) > limit else "")

@@ -19,7 +19,7 @@ from devicedb.models import Context, Decision, Device, Requirement, RequirementD
 from devicedb.policy import grace_applies, is_exempt
 from devicedb.settings import Settings
 from devicedb.store import Store, Tx
-from devicedb.usernames import canonical_user, safe_display
+from devicedb.usernames import audit_name, canonical_user, safe_display
 
 log = logging.getLogger("mfaguard")
 
@@ -77,7 +77,8 @@ class Verifier:
                     tx.audit("auth", user, context, reason=f"exempt: {exempt}")
                     return RequirementDecision(Requirement.EXEMPT, exempt, user)
                 grace = grace_applies(user, rules, self.settings.usernames, tx.now)
-                if grace and not tx.devices(user):
+                # A pending enrollment (not yet confirmed) does not end the grace; any other device does.
+                if grace and not [d for d in tx.devices(user) if not d.pending]:
                     tx.audit("auth", user, context, reason=f"grace: {grace}")
                     return RequirementDecision(Requirement.GRACE, grace, user)
         except Exception as exc:
@@ -117,10 +118,11 @@ class Verifier:
         if text is not None and len(text) > MAX_RESPONSE_CHARS:
             text = None
         prehashed: tuple[bytes, bytes] | None = None
-        backup_digits = backup_codes.normalise(text) if text else None
-        if backup_digits is not None:
-            salt = self.store().backup_salt(user)
-            if salt is not None:
+        backup_set = self.store().backup_set(user) if text else None
+        if text and backup_set is not None:
+            salt, digits = backup_set
+            backup_digits = backup_codes.normalise(text, digits)
+            if backup_digits is not None:
                 prehashed = (salt, backup_codes.digest(backup_digits, salt))
         return text, prehashed
 
@@ -186,23 +188,30 @@ class Verifier:
                 if device.usable and kind is not None:
                     lengths |= kind.code_lengths(device)
             if tx.has_backup_codes(user):
-                lengths |= {backup_codes.CODE_DIGITS, backup_codes.CODE_DIGITS + 1}
+                if tx.backup_code_digits(user) == backup_codes.LEGACY_DIGITS:
+                    lengths.add(backup_codes.LEGACY_DIGITS)
+                else:
+                    lengths |= {backup_codes.CODE_DIGITS, backup_codes.CODE_DIGITS + 1}
         return lengths
 
     def _decide(
         self, tx: Tx, user: str, text: str | None, prehashed: tuple[bytes, bytes] | None, context: Context
     ) -> Decision:
         lock = tx.lock_state(user)
+        devices = tx.devices(user)
+        usable = [d for d in devices if d.usable and get_kind(d.kind) is not None]
         if lock.locked_at(tx.now):
             reason = "locked (hard lock: an administrator must unlock)" if lock.hard_locked else "locked"
+            # The same work as an unlocked attempt, its result thrown away, so that the time an
+            # answer takes does not tell a locked account from a wrong code.
+            if text is not None:
+                self._match_all(usable, tx, text)
             # Nothing is counted or reset while locked, a right code included.
             tx.audit("auth", user, context, reason=reason)
             return Decision(Result.LOCKED, reason, user)
-        devices = tx.devices(user)
         if not devices:
-            tx.audit("auth", user, context, reason="no device enrolled")
+            tx.audit("auth", audit_name(user, known=False), context, reason="no device enrolled")
             return Decision(Result.NO_DEVICE, "no device enrolled", user)
-        usable = [d for d in devices if d.usable and get_kind(d.kind) is not None]
         # Backup codes stand in for a lost device that the administrator disabled; they are
         # no enrollment of their own, so a user with no device at all is refused above.
         if not usable and not tx.has_backup_codes(user):
@@ -223,21 +232,7 @@ class Verifier:
             tx.audit("auth", user, context, reason="accepted: backup code", detail={"remaining": left})
             return Decision(Result.ACCEPTED, "backup code", user)
 
-        matches: list[tuple[Device, Match]] = []
-        unreadable: list[int] = []
-        for device in usable:
-            kind = get_kind(device.kind)
-            if kind is None or len(text) not in kind.code_lengths(device):
-                continue
-            try:
-                secret = tx.open_secret(device)
-            except SealError as exc:
-                log.error("%s", exc)
-                unreadable.append(device.id)
-                continue
-            found = kind.match(device, secret, text, tx.now, self.settings.totp.window)
-            if found is not None:
-                matches.append((device, found))
+        matches, unreadable = self._match_all(usable, tx, text)
 
         replayed = False
         for device, found in matches:
@@ -261,6 +256,25 @@ class Verifier:
             reason = f"error: sealed secret of device(s) {unreadable} does not open"
             return self._fail(tx, user, context, Result.ERROR, reason)
         return self._fail(tx, user, context, Result.BAD_CODE, "bad code")
+
+    def _match_all(self, usable: list[Device], tx: Tx, text: str) -> tuple[list[tuple[Device, Match]], list[int]]:
+        """Every usable device's verdict on the text. Reads only: no state moves here."""
+        matches: list[tuple[Device, Match]] = []
+        unreadable: list[int] = []
+        for device in usable:
+            kind = get_kind(device.kind)
+            if kind is None or len(text) not in kind.code_lengths(device):
+                continue
+            try:
+                secret = tx.open_secret(device)
+            except SealError as exc:
+                log.error("%s", exc)
+                unreadable.append(device.id)
+                continue
+            found = kind.match(device, secret, text, tx.now, self.settings.totp.window)
+            if found is not None:
+                matches.append((device, found))
+        return matches, unreadable
 
     def _fail(
         self, tx: Tx, user: str, context: Context, result: Result, reason: str, device_id: int | None = None

@@ -7,6 +7,7 @@ holds no policy of its own.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import getpass
 import json
@@ -15,6 +16,7 @@ import pwd
 import re
 import signal
 import sqlite3
+import stat
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -22,7 +24,7 @@ from typing import Any, NoReturn, TextIO
 
 from devicedb import errors
 from devicedb.manage import DeviceManager
-from devicedb.models import Context, Device
+from devicedb.models import Context, Device, Requirement, Result
 from devicedb.settings import Settings, load_settings
 from devicedb.store import Store
 from devicedb.verifier import Verifier
@@ -111,9 +113,16 @@ def parse_since(text: str, now: float) -> float:
     return when.timestamp()
 
 
+def printable(text: str) -> str:
+    """Text safe for a terminal: control characters (escape sequences from a remote host name,
+    say) are shown as \\xNN instead of being sent to the admin's terminal."""
+    return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)
+
+
 def _print_table(rows: list[list[str]], out: TextIO) -> None:
     if not rows:
         return
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         out.write("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r)).rstrip() + "\n")
@@ -164,7 +173,7 @@ class App:
 
     # -- init ----------------------------------------------------------------------------
     def cmd_init(self) -> int:
-        report = Store.initialise(self.settings)
+        report = Store.initialise(self.settings, allow_new_database_with_old_key=self.args.force)
         db = self.settings.database
         for folder in report.created_folders:
             self.say(f"created folder {folder} (mode 0700)")
@@ -347,7 +356,10 @@ class App:
     def _warn_if_last(self, user: str) -> None:
         manager = DeviceManager(self.store)
         if manager.active_device_count(user) == 0:
-            self.err.write(f"warning: {manager.canonical(user)} has no active device left and cannot log in with MFA\n")
+            name = manager.canonical(user)
+            left = self.store.backup_codes_left(name)
+            backup = f" except with one of {left} backup codes" if left else ""
+            self.err.write(f"warning: {name} has no active device left and cannot log in{backup}\n")
 
     def cmd_devices_enable(self) -> int:
         changed = DeviceManager(self.store).set_enabled(self.args.user, self.args.device, True, admin_context())
@@ -359,7 +371,8 @@ class App:
             self.args.user, self.args.device, False, admin_context(), force=self.args.force
         )
         self.say(f"device {self.args.device} " + ("disabled" if changed else "was already disabled"))
-        self._warn_if_last(self.args.user)
+        if changed:
+            self._warn_if_last(self.args.user)
         return EXIT_OK
 
     def cmd_devices_remove(self) -> int:
@@ -400,8 +413,13 @@ class App:
         code = self.args.code
         if code is None or code == "-":
             code = getpass.getpass("Code: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\r\n")
+        if not code:
+            raise CliError("no code given; give the code as CODE, or on standard input", EXIT_USAGE)
         verifier = Verifier(self.settings, store=self.store)
         decision = verifier.verify(self.args.user, code, admin_context())
+        if decision.result is Result.ERROR:
+            self.say(f"error: {printable(decision.reason)}")
+            return EXIT_FILES
         if decision.accepted:
             which = f"device {decision.device_id}" if decision.device_id else decision.reason
             self.say(f"accepted ({which})")
@@ -551,19 +569,101 @@ class App:
         self.say(f"token {token.serial} revoked" + (f" and removed from {token.user}" if token.user else ""))
         return EXIT_OK
 
+    # -- migration -----------------------------------------------------------------------------
+    def _migrate_one(self, user: str, path: str) -> list[str]:
+        from devicedb.importers import google_authenticator
+
+        data = read_user_file(path)
+        ga = google_authenticator.parse(data, path)
+        device, mapping = DeviceManager(self.store).migrate_google_authenticator(user, ga, admin_context())
+        return [f"device {device.id} ({device.kind}) for {device.user}", *mapping]
+
+    def cmd_migrate_google_authenticator(self) -> int:
+        a = self.args
+        if a.all:
+            if a.user or a.file:
+                raise CliError("--all takes no USER or FILE", EXIT_USAGE)
+            failures = 0
+            found = 0
+            for entry in sorted(pwd.getpwall(), key=lambda e: (e.pw_uid != 0, e.pw_name)):
+                path = os.path.join(entry.pw_dir or "/nonexistent", ".google_authenticator")
+                if not os.path.lexists(path):
+                    continue
+                found += 1
+                try:
+                    lines = self._migrate_one(entry.pw_name, path)
+                except errors.MfaguardError as exc:
+                    failures += 1
+                    self.say(f"{entry.pw_name}: NOT migrated: {exc}")
+                    continue
+                self.say(f"{entry.pw_name}: migrated")
+                for line in lines:
+                    self.say(f"    {line}")
+            self.say(f"{found} file(s) found, {found - failures} migrated, {failures} not")
+            return EXIT_REJECTED if failures else EXIT_OK
+        if not a.user:
+            raise CliError("give USER (and optionally FILE), or --all", EXIT_USAGE)
+        path = a.file
+        if path is None:
+            try:
+                home = pwd.getpwnam(a.user).pw_dir
+            except KeyError:
+                raise CliError(
+                    f"{a.user!r} is not in the passwd database; give the FILE to read", EXIT_REFUSED
+                ) from None
+            path = os.path.join(home, ".google_authenticator")
+        for line in self._migrate_one(a.user, path):
+            self.say(line)
+        self.say("the original file is left as it was; remove pam_google_authenticator from the PAM stacks")
+        return EXIT_OK
+
     # -- PAM and doctor ----------------------------------------------------------------------
     def cmd_pam_install(self) -> int:
         from mfa_admin import pam_setup
+        from mfa_admin.report import coverage
+        from pam_module.pam_mfaguard import code_tree_problems
 
-        plan = pam_setup.plan_install(self.args.service, self.args.pam_dir, self.args.config or self.settings.source)
-        if self.args.dry_run:
+        a = self.args
+        source = self.settings.source
+        if source is None:
+            raise CliError(
+                "there is no settings file, and the PAM module refuses to run without one: every login on this "
+                "stack would fail. Create /etc/mfaguard/mfaguard.yaml from config/mfaguard.yaml, or pass --config",
+                EXIT_CONFIG,
+            )
+        problems = code_tree_problems(pam_setup.entry_file(), sys.prefix)
+        if problems:
+            raise CliError(
+                "the code the PAM module would run as root is not safe: "
+                + "; ".join(problems)
+                + ". Install mfaguard in a root-owned folder such as /opt/mfaguard",
+                EXIT_FILES,
+            )
+        plan = pam_setup.plan_install(a.service, a.pam_dir, source)
+        if a.dry_run:
             self.out.write(plan.diff())
             self.say("(dry run: nothing was changed)")
             return EXIT_OK
-        status = DeviceManager(self.store).status("root")
+        manager = DeviceManager(self.store)
+        status = manager.status("root")
         pam_setup.guard_root(status.requirement, sum(1 for d in status.devices if d.usable))
+        operator = os.environ.get("SUDO_USER")
+        if operator and a.service in ("sudo", "sudo-i", "su") and not a.force:
+            mine = manager.status(operator)
+            if mine.requirement is Requirement.REQUIRED and not any(d.usable for d in mine.devices):
+                raise CliError(
+                    f"you ({operator}) have no active device: after this, your own sudo would be refused. "
+                    f"Run `mfa-admin enroll totp {operator}` first, or pass --force",
+                    EXIT_REFUSED,
+                )
+        uncovered = coverage(self.store)["uncovered"]
         backup = pam_setup.install(plan)
         self.say(f"mfaguard added to {plan.path}; the original is kept as {backup}")
+        if uncovered:
+            self.err.write(
+                f"warning: these login-capable accounts have no active device and will be refused by {a.service}: "
+                f"{', '.join(uncovered)} (see `mfa-admin report`)\n"
+            )
         self.say("keep a root shell open and test a login in a second one before you log out")
         return EXIT_OK
 
@@ -674,6 +774,25 @@ def read_seed(path: str | None, prompt: str = "Token seed (hex or base32): ") ->
         raise CliError("the seed is neither hex nor base32", EXIT_REFUSED) from None
 
 
+def read_user_file(path: str, limit: int = 4096) -> bytes:
+    """Read a file in a user's home as root: no symlinks, regular files only, small."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise CliError(f"{path} does not exist", EXIT_REFUSED) from None
+    except OSError as exc:
+        raise CliError(f"{path} cannot be opened ({exc.strerror}); symlinks are refused", EXIT_REFUSED) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CliError(f"{path} is not a regular file", EXIT_REFUSED)
+        if st.st_size > limit:
+            raise CliError(f"{path} is larger than {limit} bytes; not a google-authenticator file", EXIT_REFUSED)
+        return os.read(fd, limit + 1)
+    finally:
+        os.close(fd)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text, 10)
@@ -723,7 +842,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
-    add(sub, "init", App.cmd_init, "create the database and key file with safe modes, or upgrade the schema")
+    p = add(sub, "init", App.cmd_init, "create the database and key file with safe modes, or upgrade the schema")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="create a new database although the key file already exists (the old database is lost)",
+    )
 
     def group(name: str, help_text: str) -> Any:
         parser_ = sub.add_parser(
@@ -866,6 +990,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(tokens_sub, "revoke", App.cmd_tokens_revoke, "revoke a token for good (lost or broken)")
     p.add_argument("serial", metavar="SERIAL")
 
+    migrate = group("migrate", "bring users over from other MFA tools")
+    migrate_sub = migrate.add_subparsers(dest="source", metavar="SOURCE", required=True)
+    p = add(
+        migrate_sub,
+        "google-authenticator",
+        App.cmd_migrate_google_authenticator,
+        "turn ~USER/.google_authenticator into a device and its scratch codes into backup codes; prints the mapping",
+    )
+    p.add_argument("user", metavar="USER", nargs="?")
+    p.add_argument("file", metavar="FILE", nargs="?", help="default: ~USER/.google_authenticator")
+    p.add_argument("--all", action="store_true", help="every home directory in the passwd database, reported per user")
+
     pam = group("pam", "add mfaguard to a PAM stack, or take it out")
     pam_sub = pam.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = add(
@@ -875,11 +1011,12 @@ def build_parser() -> argparse.ArgumentParser:
         "add mfaguard's auth and account lines after the password step; keeps FILE.mfaguard-orig. "
         "Refused while root has no active device",
     )
-    p.add_argument("--service", required=True, choices=("sshd", "sudo", "login"))
+    p.add_argument("--service", required=True, choices=("sshd", "sudo", "sudo-i", "login", "su"))
     p.add_argument("--dry-run", action="store_true", help="show the change as a diff; change nothing")
+    p.add_argument("--force", action="store_true", help="install even though you (the sudo caller) have no device")
     p.add_argument("--pam-dir", default="/etc/pam.d", help="the PAM folder (default /etc/pam.d)")
     p = add(pam_sub, "uninstall", App.cmd_pam_uninstall, "restore the stack saved by `pam install`")
-    p.add_argument("--service", required=True, choices=("sshd", "sudo", "login"))
+    p.add_argument("--service", required=True, choices=("sshd", "sudo", "sudo-i", "login", "su"))
     p.add_argument("--pam-dir", default="/etc/pam.d", help="the PAM folder (default /etc/pam.d)")
     p = add(
         sub,
@@ -918,15 +1055,28 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    import logging
+
+    # The core logs tracebacks for the daemons' log files; on a terminal the error line says enough.
+    logging.getLogger("mfaguard").addHandler(logging.NullHandler())
+    logging.getLogger("mfaguard").propagate = False
     app = App(args, out, err)
     try:
         return int(args.handler(app))
+    except BrokenPipeError:
+        # `mfa-admin ... | head`: the reader went away; that is not an error of ours.
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
     except CliError as exc:
         return _fail(err, str(exc), exc.code)
+    except errors.DatabaseError as exc:
+        return _fail(err, f"{exc}. If the file is damaged, restore it from backup", EXIT_FILES)
     except errors.MfaguardError as exc:
-        return _fail(err, str(exc), _exit_code_for(exc))
+        return _fail(err, printable(str(exc)), _exit_code_for(exc))
     except sqlite3.Error as exc:
-        return _fail(err, f"database error: {exc}; check the database file and run `mfa-admin init`", EXIT_FILES)
+        return _fail(err, f"database error: {exc}; if the file is damaged, restore it from backup", EXIT_FILES)
     except PermissionError as exc:
         return _fail(err, f"{exc.filename or 'a file'}: permission denied; run mfa-admin as root", EXIT_FILES)
     except OSError as exc:

@@ -10,7 +10,7 @@ from pathlib import Path
 from devicedb.errors import MfaguardError
 from devicedb.settings import Settings
 from devicedb.store import Store
-from mfa_admin.pam_setup import SERVICES, is_mfaguard_line
+from mfa_admin.pam_setup import ACCOUNT_LINE, SERVICES, is_mfaguard_line
 
 # Controls under which a failing mfaguard line fails the stack.
 _BINDING = {"required", "requisite"}
@@ -24,37 +24,130 @@ class Finding:
     fix: str = ""
 
 
+def _split(line: str) -> tuple[str, str, list[str]]:
+    """(type, control, rest) of a PAM line; a bracketed control stays one word."""
+    kind, _, rest = line.partition(" ")
+    rest = rest.strip()
+    if rest.startswith("["):
+        close = rest.find("]")
+        control, rest = (rest, "") if close < 0 else (rest[: close + 1], rest[close + 1 :])
+    else:
+        control, _, rest = rest.partition(" ")
+    return kind.lstrip("-"), control, rest.split()
+
+
 def _expand(path: Path, pam_dir: Path, depth: int = 0) -> list[tuple[str, str]]:
-    """The stack's lines as (file, line), with @include files expanded in place."""
+    """The stack's lines as (file, line), with @include, include and substack expanded in place."""
     out: list[tuple[str, str]] = []
     if depth > 8 or not path.is_file():
         return out
     for raw in path.read_text(errors="replace").splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
+        line = " ".join(raw.split("#", 1)[0].split())
+        if not line:
             continue
         words = line.split()
         if words[0] == "@include" and len(words) > 1:
             out += _expand(pam_dir / words[1], pam_dir, depth + 1)
+            continue
+        kind, control, rest = _split(line)
+        if control in ("include", "substack") and rest:
+            out += [(f, ln) for f, ln in _expand(pam_dir / rest[0], pam_dir, depth + 1) if _split(ln)[0] == kind]
         else:
             out.append((path.name, line))
     return out
 
 
-def check_stack(service: str, pam_dir: Path) -> list[Finding]:
+def _can_skip(index: int, line: str, target: int) -> bool:
+    """Whether this line, at ``index``, can end the stack or jump past the line at ``target``."""
+    _, control, rest = _split(line)
+    module = rest[0] if rest else ""
+    if control == "sufficient":
+        return not module.endswith("pam_rootok.so")  # only root itself passes pam_rootok
+    if control.startswith("["):
+        actions = dict(pair.partition("=")[::2] for pair in control.strip("[]").split())
+        # What the module does when it succeeds: its success action, else its default one.
+        action = actions.get("success", actions.get("default", ""))
+        if action == "done":
+            return True
+        if action.isdigit() and index + int(action) >= target:
+            return True
+    return False
+
+
+def _check_line(line: str, file: str, topic: str) -> list[Finding]:
+    """Can this mfaguard line ever work: entry file, venv and settings file all there and sound?"""
+    from devicedb.errors import ConfigError, UnsafePathError
+    from devicedb.settings import load_settings
+    from pam_module.pam_mfaguard import code_tree_problems
+
+    _, _, rest = _split(line)
+    entry = rest[1] if len(rest) > 1 else ""
+    options = dict(arg.partition("=")[::2] for arg in rest[2:] if "=" in arg)
+    findings = []
+    venv = options.get("venv") or str(Path(entry).parent.parent / ".venv")
+    if not Path(entry).is_file():
+        findings.append(
+            Finding(
+                "fail",
+                topic,
+                f"{file}: the entry file {entry} does not exist: every login fails",
+                "run `mfa-admin pam uninstall` then `pam install` from the installed copy",
+            )
+        )
+    elif not Path(venv).is_dir():
+        findings.append(
+            Finding(
+                "fail",
+                topic,
+                f"{file}: the venv {venv} does not exist: every login fails",
+                "point venv= at the venv mfaguard is installed in",
+            )
+        )
+    else:
+        for problem in code_tree_problems(entry, venv):
+            findings.append(
+                Finding(
+                    "fail",
+                    topic,
+                    f"{file}: code run as root can be changed by others: {problem}",
+                    "chown -R root: and chmod -R go-w the mfaguard folder and its venv",
+                )
+            )
+        if any(p.startswith(("/tmp/", "/var/tmp/")) for p in (entry, venv)):  # noqa: S108 - a warning about it
+            findings.append(
+                Finding(
+                    "warn",
+                    topic,
+                    f"{file}: mfaguard runs from under /tmp, which is cleaned out",
+                    "install it in /opt/mfaguard",
+                )
+            )
+    try:
+        load_settings(options.get("config"), require_file=True, environ={})
+    except (ConfigError, UnsafePathError) as exc:
+        findings.append(
+            Finding(
+                "fail",
+                topic,
+                f"{file}: the PAM line's settings do not load, so every login fails: {exc}",
+                "fix the settings file, or the config= option",
+            )
+        )
+    return findings
+
+
+def check_stack(service: str, pam_dir: Path, *, account_required: bool) -> list[Finding]:
     path = pam_dir / service
     topic = f"PAM {service}"
     if not path.is_file():
-        return [Finding("warn", topic, f"{path} does not exist", f"install {service}, or ignore this finding")]
+        return [Finding("ok", topic, f"{path} does not exist (the {service} program is not installed)")]
     lines = _expand(path, pam_dir)
     findings = []
     for kind in ("auth", "account"):
-        ours = [
-            (i, f, line)
-            for i, (f, line) in enumerate(lines)
-            if line.split()[0].lstrip("-") == kind and is_mfaguard_line(line)
-        ]
+        ours = [(i, f, line) for i, (f, line) in enumerate(lines) if _split(line)[0] == kind and is_mfaguard_line(line)]
         if not ours:
+            if kind == "account" and not account_required:
+                continue  # sudo's credential cache and NOPASSWD rules are the administrator's choice
             findings.append(
                 Finding(
                     "fail",
@@ -65,7 +158,7 @@ def check_stack(service: str, pam_dir: Path) -> list[Finding]:
             )
             continue
         index, file, line = ours[0]
-        control = line.split()[1]
+        control = _split(line)[1]
         if control not in _BINDING:
             findings.append(
                 Finding(
@@ -76,27 +169,24 @@ def check_stack(service: str, pam_dir: Path) -> list[Finding]:
                 )
             )
             continue
-        if kind == "auth":
-            bypass = [
-                (f, other)
-                for f, other in lines[:index]
-                if other.split()[0].lstrip("-") == "auth"
-                and (other.split()[1] == "sufficient" or "success=done" in other)
-            ]
-            for f, other in bypass:
-                findings.append(
-                    Finding(
-                        "fail",
-                        topic,
-                        f"`{other}` in {f} comes before mfaguard and can end the auth stack "
-                        "with success, skipping the code",
-                        "move mfaguard's line above it, or drop it",
-                    )
+        bypass = [
+            (f, other)
+            for i, (f, other) in enumerate(lines[:index])
+            if _split(other)[0] == kind and _can_skip(i, other, index)
+        ]
+        for f, other in bypass:
+            findings.append(
+                Finding(
+                    "fail",
+                    topic,
+                    f"`{other}` in {f} comes before mfaguard and can end the {kind} stack or "
+                    "jump past mfaguard, skipping the code",
+                    "move mfaguard's line above it, or drop it",
                 )
-            if not bypass:
-                findings.append(Finding("ok", topic, f"mfaguard auth line is required ({file})"))
-        else:
-            findings.append(Finding("ok", topic, f"mfaguard account line is required ({file})"))
+            )
+        findings += _check_line(line, file, topic)
+        if not bypass:
+            findings.append(Finding("ok", topic, f"mfaguard {kind} line is required ({file})"))
     return findings
 
 
@@ -109,7 +199,13 @@ def check_sshd(sshd: str = "/usr/sbin/sshd") -> list[Finding]:
     except (OSError, subprocess.TimeoutExpired) as exc:
         return [Finding("warn", topic, f"`sshd -T` did not run: {exc}", "run it by hand and read its error")]
     if r.returncode != 0:
-        return [Finding("warn", topic, f"`sshd -T` failed: {r.stderr.strip()[:200]}", "fix sshd_config")]
+        error = r.stderr.strip()[:200]
+        fix = (
+            "mkdir -p /run/sshd, then run doctor again"
+            if "privilege separation directory" in error
+            else ("fix the sshd_config line `sshd -T` names")
+        )
+        return [Finding("warn", topic, f"`sshd -T` failed: {error}", fix)]
     conf: dict[str, str] = {}
     for line in r.stdout.splitlines():
         key, _, value = line.partition(" ")
@@ -193,6 +289,16 @@ def check_coverage(store: Store) -> list[Finding]:
     result = coverage(store)
     findings = []
     for acct in result["accounts"]:
+        if acct.get("weak_devices"):
+            findings.append(
+                Finding(
+                    "warn",
+                    "weak secrets",
+                    f"{acct['user']}: device(s) {acct['weak_devices']} have a secret "
+                    "under 128 bits (kept from a migration or a vendor file)",
+                    f"enroll a new device for {acct['user']} and remove the weak one",
+                )
+            )
         if acct["status"] in ("covered", "exempt"):
             continue
         fix = f"mfa-admin enroll totp {acct['user']}"
@@ -214,8 +320,19 @@ def run(settings: Settings, pam_dir: str = "/etc/pam.d") -> list[Finding]:
         findings.append(
             Finding("fail", "pam_python", "/lib/security/pam_python.so is missing", "apt-get install libpam-python")
         )
-    for service in SERVICES:
-        findings += check_stack(service, Path(pam_dir))
+    for service in (*SERVICES, "su-l"):
+        findings += check_stack(service, Path(pam_dir), account_required=service in ACCOUNT_LINE)
+    other = check_stack("other", Path(pam_dir), account_required=False)
+    if any(f.level == "fail" for f in other):
+        findings.append(
+            Finding(
+                "warn",
+                "PAM other",
+                "the fallback stack `other` has no mfaguard auth line: a "
+                "service without its own PAM file authenticates with the password alone",
+                "add the mfaguard auth line to /etc/pam.d/other as well",
+            )
+        )
     if shutil.which("sshd") or Path("/usr/sbin/sshd").exists():
         findings += check_sshd()
     store_findings, store = check_store(settings)

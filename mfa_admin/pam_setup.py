@@ -19,7 +19,11 @@ import pam_module
 from devicedb.errors import InvalidInput, LockoutGuardError
 from devicedb.models import Requirement
 
-SERVICES = ("sshd", "sudo", "login")
+SERVICES = ("sshd", "sudo", "sudo-i", "login", "su")
+# Services whose logins can skip the auth phase for a reason the administrator chose (sudo's
+# credential cache and NOPASSWD rules, su by root): they get the auth line only. sshd and
+# login get the account line too, which refuses a login whose auth phase skipped the code.
+ACCOUNT_LINE = ("sshd", "login")
 BACKUP_SUFFIX = ".mfaguard-orig"
 MARKER = "# added by mfa-admin pam install"
 PAM_PYTHON = "/lib/security/pam_python.so"
@@ -62,13 +66,14 @@ def _insert_after(lines: list[str], kind: str, include: str, new: str) -> list[s
     return [*lines[:position], MARKER, new, *lines[position:]]
 
 
-def planned_stack(original: str, config: str | None) -> str:
+def planned_stack(original: str, config: str | None, *, account: bool = True) -> str:
     lines = original.splitlines()
     if any(is_mfaguard_line(line) for line in lines):
         raise InvalidInput("mfaguard is already in this stack; run `mfa-admin pam uninstall` first to redo it")
-    auth, account = mfaguard_lines(config)
-    lines = _insert_after(lines, "auth", "common-auth", auth)
-    lines = _insert_after(lines, "account", "common-account", account)
+    auth_line, account_line = mfaguard_lines(config)
+    lines = _insert_after(lines, "auth", "common-auth", auth_line)
+    if account:
+        lines = _insert_after(lines, "account", "common-account", account_line)
     return "\n".join(lines) + "\n"
 
 
@@ -110,7 +115,7 @@ def plan_install(service: str, pam_dir: str, config: str | None) -> Plan:
     if path.is_symlink() or not path.is_file():
         raise InvalidInput(f"{path} does not exist or is not a regular file; is the {service} package installed?")
     before = path.read_text()
-    return Plan(path, before, planned_stack(before, config))
+    return Plan(path, before, planned_stack(before, config, account=service in ACCOUNT_LINE))
 
 
 def guard_root(status_requirement: Requirement, root_active_devices: int) -> None:
@@ -131,18 +136,20 @@ def install(plan: Plan) -> Path:
 
 
 def uninstall(service: str, pam_dir: str) -> str:
+    """Take mfaguard's lines out of the stack as it is now, keeping every other edit made since."""
     if service not in SERVICES:
         raise InvalidInput(f"--service {service!r}: use one of {', '.join(SERVICES)}")
     path = Path(pam_dir) / service
+    if path.is_symlink() or not path.is_file():
+        raise InvalidInput(f"{path} does not exist or is not a regular file")
     backup = path.with_name(path.name + BACKUP_SUFFIX)
-    if backup.is_file() and not backup.is_symlink():
-        os.replace(backup, path)
-        return f"restored {path} from {backup}"
-    if path.is_file():
-        lines = path.read_text().splitlines()
-        kept = [line for line in lines if not is_mfaguard_line(line) and line != MARKER]
-        if kept == lines:
-            return f"{path} holds no mfaguard line; nothing to do"
-        _write_atomically(path, "\n".join(kept) + "\n", os.stat(path).st_mode & 0o777)
-        return f"removed the mfaguard lines from {path} (no backup was found)"
-    raise InvalidInput(f"{path} does not exist")
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if not is_mfaguard_line(line) and line != MARKER]
+    if kept == lines:
+        return f"{path} holds no mfaguard line; nothing to do"
+    _write_atomically(path, "\n".join(kept) + "\n", os.stat(path).st_mode & 0o777)
+    if backup.is_file() and not backup.is_symlink() and backup.read_text().splitlines() == kept:
+        backup.unlink()
+        return f"removed the mfaguard lines from {path}; it is the original again"
+    note = f"; the copy from before install is still in {backup}" if backup.exists() else ""
+    return f"removed the mfaguard lines from {path}, keeping the edits made since install{note}"

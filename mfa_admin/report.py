@@ -74,6 +74,9 @@ def coverage(store: Store) -> dict[str, Any]:
             state, note = "uncovered", "no device enrolled"
         if status.locked_now:
             note = (note + "; " if note else "") + "locked"
+        weak = [d.id for d in status.devices if d.usable and d.params.get("weak")]
+        if weak:
+            note = (note + "; " if note else "") + f"WEAK secret on device(s) {', '.join(map(str, weak))}"
         accounts.append(
             {
                 "user": status.user,
@@ -83,6 +86,7 @@ def coverage(store: Store) -> dict[str, Any]:
                 "active_devices": active,
                 "devices": len(status.devices),
                 "note": note,
+                "weak_devices": weak,
             }
         )
     uncovered = [a["user"] for a in accounts if a["status"] not in ("covered", "exempt")]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from devicedb.errors import ConfigError
-from devicedb.models import PUBLIC_FAILURE_MESSAGE, Context, Requirement, Result
+from devicedb.models import PUBLIC_FAILURE_MESSAGE, Context, Requirement
 from devicedb.settings import Settings, load_settings
 from devicedb.verifier import Verifier
 
@@ -29,9 +29,8 @@ TICKET_ENV = "MFAGUARD_TICKET"
 DEFAULT_PROMPT = "Verification code: "
 DEFAULT_TRIES = 3
 MAX_TRIES = 10
-# Results after which asking again cannot help. A lock is not among them: a locked
-# account must look exactly like a wrong code from outside.
-_FINAL = {Result.NO_DEVICE, Result.NO_USABLE_DEVICE, Result.ERROR}
+# Every failure is followed by the next prompt, up to `tries`, whatever its reason: the number
+# of prompts must not tell a locked account, or one without a device, from a wrong code.
 
 log = logging.getLogger("mfaguard")
 _log_ready: set[str] = set()
@@ -48,8 +47,12 @@ class Options:
 def parse_options(args: list[str]) -> Options:
     """PAM line options after the entry file. An unknown or bad option is an error (fail closed)."""
     values: dict[str, Any] = {}
+    seen: set[str] = set()
     for arg in args:
         name, sep, value = arg.partition("=")
+        if name in seen:
+            raise ConfigError(f"PAM option {name}= is given twice; give each option once")
+        seen.add(name)
         if not sep:
             raise ConfigError(f"PAM option {arg!r} is not name=value; allowed: config=, prompt=, tries=, venv=, log=")
         if name == "config":
@@ -145,8 +148,6 @@ def authenticate(pamh: Any, flags: int, argv: list[str]) -> int:
                 return int(pamh.PAM_SUCCESS)
             log.info("%s: rejected %s: %s", context.service, decision.user, decision.reason)
             _say(pamh, pamh.PAM_ERROR_MSG, PUBLIC_FAILURE_MESSAGE)
-            if decision.result in _FINAL:
-                break
         return int(pamh.PAM_AUTH_ERR)
     except BaseException as exc:
         log.exception("%s: internal error for %s", context.service, user)

@@ -44,7 +44,33 @@ def _log_failure(argv, what):
     except Exception:  # noqa: S110 - nothing left to report to
         pass
     with contextlib.suppress(Exception):
-        sys.stderr.write(f"mfaguard pam: {what}; see {path}\n")
+        sys.stderr.write(f"mfaguard pam: authentication failed; details in {path}\n")
+
+
+def code_tree_problems(entry, venv):
+    """Why the code this module runs as root could be changed by someone else, or []."""
+    import stat
+
+    source = os.path.dirname(os.path.dirname(os.path.abspath(entry)))
+    lib = os.path.join(venv, "lib", f"python{sys.version_info[0]}.{sys.version_info[1]}", "site-packages")
+    paths = [source, venv, lib]
+    for package in ("pam_module", "devicedb", os.path.join("devicedb", "kinds"), os.path.join("devicedb", "importers")):
+        folder = os.path.join(source, package)
+        paths.append(folder)
+        with contextlib.suppress(OSError):
+            paths += [os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".py")]
+    problems = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            problems.append(f"{path}: {exc.strerror}")
+            continue
+        if st.st_uid != 0:
+            problems.append(f"{path} is owned by uid {st.st_uid}, not root")
+        elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            problems.append(f"{path} is writable by group or others")
+    return problems
 
 
 def _load(argv):
@@ -59,6 +85,10 @@ def _load(argv):
         # older cryptography). Putting the tree on the path directly spares every login the
         # editable-install finder that site.addsitedir would import (about 20 ms).
         source = os.path.dirname(_HERE)
+        # The code below runs as root on every login: refuse it if anybody but root could change it.
+        problems = code_tree_problems(__file__, venv)
+        if problems:
+            raise RuntimeError("refusing to run mfaguard code that others can change: " + "; ".join(problems))
         sys.path[:] = [source, lib] + [p for p in sys.path if p not in (source, lib)]
         try:
             from pam_module import adapter

@@ -182,16 +182,44 @@ def log_store(lib: type[Lib], mfa_env: MfaEnv) -> Store:
     return store
 
 
-def raw_tamper(mfa_env: MfaEnv, *statements: tuple[str, tuple[object, ...]]) -> None:
+def raw_tamper(mfa_env: MfaEnv, *statements: tuple[str, tuple[object, ...]], restore_triggers: bool = True) -> None:
+    """Edit the log as an attacker with write access would: drop the append-only triggers, change rows,
+    then (a careful attacker) put the triggers back, so that only the chain can tell."""
     raw = mfa_env.raw()
     try:
+        triggers = [r[0] for r in raw.execute("SELECT sql FROM sqlite_master WHERE type = 'trigger'")]
         raw.execute("DROP TRIGGER audit_append_only_update")
         raw.execute("DROP TRIGGER audit_append_only_delete")
         for sql, args in statements:
             cur = raw.execute(sql, args)
             assert cur.rowcount >= 1, sql
+        if restore_triggers:
+            for sql in triggers:
+                raw.execute(sql)
+        raw.commit()
     finally:
         raw.close()
+
+
+def test_dropped_triggers_are_reported(mfa_env: MfaEnv, log_store: Store) -> None:
+    raw_tamper(mfa_env, ("UPDATE audit SET reason = reason WHERE id = 2", ()), restore_triggers=False)
+    problems = [p.problem for p in log_store.verify_audit().problems]
+    assert any("audit_append_only_update is missing" in p for p in problems)
+    assert any("audit_append_only_delete is missing" in p for p in problems)
+
+
+def test_an_emptied_log_is_reported(mfa_env: MfaEnv, log_store: Store) -> None:
+    raw_tamper(mfa_env, ("DELETE FROM audit", ()), ("DELETE FROM sqlite_sequence WHERE name = 'audit'", ()))
+    report = log_store.verify_audit()
+    assert not report.ok
+    assert any("the log is empty" in p.problem for p in report.problems)
+
+
+def test_a_log_whose_oldest_rows_are_gone_is_reported(mfa_env: MfaEnv, log_store: Store) -> None:
+    # Delete rows 1-3 and rewrite row 4 as if it were the first, with a genesis link: still caught.
+    raw_tamper(mfa_env, ("DELETE FROM audit WHERE id < 4", ()))
+    problems = log_store.verify_audit().problems
+    assert any("not the init row" in p.problem or "missing" in p.problem for p in problems)
 
 
 def test_an_untouched_log_verifies(log_store: Store) -> None:

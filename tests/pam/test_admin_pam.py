@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from pam_helpers import PAM_D, Mfa, SystemUser, pamtester, require, totp_code, wait_for_fresh_step
+from pam_helpers import ENTRY_FILE, PAM_D, Mfa, SystemUser, pamtester, require, totp_code, wait_for_fresh_step
 
 MFA_ADMIN = str(Path(sys.executable).parent / "mfa-admin")
 
@@ -60,21 +60,74 @@ def test_dry_run_shows_the_change_and_changes_nothing(mfa: Mfa, pam_copy: Path) 
 
 def test_install_then_uninstall_restores_the_original(mfa: Mfa, pam_copy: Path) -> None:
     mfa.enroll("root")
-    original = (pam_copy / "sudo").read_bytes()
-    r = admin(mfa, "pam", "install", "--service", "sudo", "--pam-dir", str(pam_copy))
-    assert r.returncode == 0, r
-    lines = (pam_copy / "sudo").read_text().splitlines()
-    auth_at = next(i for i, line in enumerate(lines) if line.startswith("auth") and "pam_mfaguard.py" in line)
-    assert lines.index("@include common-auth") < auth_at
-    acct_at = next(i for i, line in enumerate(lines) if line.startswith("account") and "pam_mfaguard.py" in line)
-    assert lines.index("@include common-account") < acct_at
-    assert (pam_copy / "sudo.mfaguard-orig").read_bytes() == original
-    again = admin(mfa, "pam", "install", "--service", "sudo", "--pam-dir", str(pam_copy))
-    assert again.returncode == 5 and "already" in again.stderr
+    for service, account in (("sshd", True), ("sudo", False)):
+        original = (pam_copy / service).read_bytes()
+        r = admin(mfa, "pam", "install", "--service", service, "--pam-dir", str(pam_copy))
+        assert r.returncode == 0, r
+        lines = (pam_copy / service).read_text().splitlines()
+        auth_at = next(i for i, line in enumerate(lines) if line.startswith("auth") and "pam_mfaguard.py" in line)
+        assert lines.index("@include common-auth") < auth_at
+        has_account = any(line.startswith("account") and "pam_mfaguard.py" in line for line in lines)
+        # sudo keeps its credential cache and NOPASSWD rules working: no account line there.
+        assert has_account is account
+        assert (pam_copy / f"{service}.mfaguard-orig").read_bytes() == original
+        again = admin(mfa, "pam", "install", "--service", service, "--pam-dir", str(pam_copy))
+        assert again.returncode == 5 and "already" in again.stderr
+        r = admin(mfa, "pam", "uninstall", "--service", service, "--pam-dir", str(pam_copy))
+        assert r.returncode == 0, r
+        assert (pam_copy / service).read_bytes() == original
+        assert not (pam_copy / f"{service}.mfaguard-orig").exists()
+
+
+def test_uninstall_keeps_edits_made_after_install(mfa: Mfa, pam_copy: Path) -> None:
+    mfa.enroll("root")
+    assert admin(mfa, "pam", "install", "--service", "sudo", "--pam-dir", str(pam_copy)).returncode == 0
+    with (pam_copy / "sudo").open("a") as f:
+        f.write("session optional pam_echo.so added-later\n")
     r = admin(mfa, "pam", "uninstall", "--service", "sudo", "--pam-dir", str(pam_copy))
     assert r.returncode == 0, r
-    assert (pam_copy / "sudo").read_bytes() == original
-    assert not (pam_copy / "sudo.mfaguard-orig").exists()
+    text = (pam_copy / "sudo").read_text()
+    assert "added-later" in text and "pam_mfaguard.py" not in text
+    assert "still in" in r.stdout
+
+
+def test_install_refuses_without_a_settings_file_and_for_an_operator_without_device(mfa: Mfa, pam_copy: Path) -> None:
+    r = subprocess.run(
+        [MFA_ADMIN, "pam", "install", "--service", "sudo", "--pam-dir", str(pam_copy)],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "MFAGUARD_CONFIG": ""},
+    )
+    assert r.returncode == 3 and "refuses to run without one" in r.stderr
+    mfa.enroll("root")
+    env = {"PATH": "/usr/bin:/bin", "SUDO_USER": "operator-without-device"}
+    r = subprocess.run(
+        [MFA_ADMIN, "--config", str(mfa.config), "pam", "install", "--service", "sudo", "--pam-dir", str(pam_copy)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert r.returncode == 5 and "your own sudo would be refused" in r.stderr
+    assert "pam_mfaguard" not in (pam_copy / "sudo").read_text()
+    r = subprocess.run(
+        [
+            MFA_ADMIN,
+            "--config",
+            str(mfa.config),
+            "pam",
+            "install",
+            "--service",
+            "sudo",
+            "--pam-dir",
+            str(pam_copy),
+            "--force",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert r.returncode == 0, r
+    assert "will be refused by sudo" in r.stderr  # uncovered accounts are named
 
 
 def test_installed_stack_demands_password_and_code(
@@ -111,7 +164,7 @@ def test_doctor_finds_missing_and_bypassable_stacks(mfa: Mfa, pam_copy: Path) ->
     mfa.enroll("root")
     assert admin(mfa, "pam", "install", "--service", "sudo", "--pam-dir", str(pam_copy)).returncode == 0
     sudo = [f for f in doctor(mfa, pam_copy) if f["topic"] == "PAM sudo"]
-    assert [f["level"] for f in sudo] == ["ok", "ok"]
+    assert [f["level"] for f in sudo] == ["ok"]
     assert not any(f["topic"] == "coverage" and "root " in f["text"] for f in doctor(mfa, pam_copy))
 
     # A `sufficient` module ahead of mfaguard can end the stack before the code is asked.
@@ -139,3 +192,44 @@ def test_doctor_reports_unsafe_database(mfa: Mfa, pam_copy: Path) -> None:
     database = [f for f in findings if f["topic"] == "database"]
     assert database and database[0]["level"] == "fail"
     assert "writable by group or others" in database[0]["text"]
+
+
+def test_doctor_finds_jumps_includes_and_broken_lines(mfa: Mfa, pam_copy: Path) -> None:
+    mfa.enroll("root")
+    assert admin(mfa, "pam", "install", "--service", "sshd", "--pam-dir", str(pam_copy)).returncode == 0
+    installed = (pam_copy / "sshd").read_text()
+
+    def sshd_findings(text: str) -> list[dict[str, str]]:
+        (pam_copy / "sshd").write_text(text)
+        return [f for f in doctor(mfa, pam_copy) if f["topic"] == "PAM sshd"]
+
+    assert {f["level"] for f in sshd_findings(installed)} == {"ok"}
+    marker = "# added by mfa-admin pam install\nauth"
+    jump = installed.replace(marker, "auth [success=1 default=ignore] pam_permit.so\n" + marker, 1)
+    assert any("jump past mfaguard" in f["text"] for f in sshd_findings(jump))
+    (pam_copy / "extra-auth").write_text("auth sufficient pam_permit.so\n")
+    include = installed.replace(marker, "auth include extra-auth\n" + marker, 1)
+    assert any(f["level"] == "fail" and "sufficient" in f["text"] for f in sshd_findings(include))
+    account = installed.replace("@include common-account", "account sufficient pam_permit.so\n@include common-account")
+    assert any(f["level"] == "fail" and "account stack" in f["text"] for f in sshd_findings(account))
+    broken = installed.replace(f"config={mfa.config}", "config=/nonexistent.yaml")
+    assert any(f["level"] == "fail" and "do not load" in f["text"] for f in sshd_findings(broken))
+    gone = installed.replace(str(ENTRY_FILE), "/nonexistent/pam_module/pam_mfaguard.py")
+    assert any(f["level"] == "fail" and "does not exist" in f["text"] for f in sshd_findings(gone))
+
+
+def test_doctor_checks_sudo_i_and_su(mfa: Mfa, pam_copy: Path) -> None:
+    for name in ("sudo-i", "su", "su-l"):
+        source = PAM_D / name
+        require(source.is_file(), f"{source} missing")
+        shutil.copy(source, pam_copy / name)
+    findings = doctor(mfa, pam_copy)
+    for service in ("sudo-i", "su", "su-l"):
+        assert any(f["topic"] == f"PAM {service}" and f["level"] == "fail" for f in findings), service
+    mfa.enroll("root")
+    for service in ("sudo-i", "su"):
+        assert admin(mfa, "pam", "install", "--service", service, "--pam-dir", str(pam_copy)).returncode == 0
+    findings = doctor(mfa, pam_copy)
+    for service in ("sudo-i", "su", "su-l"):  # su-l includes su
+        levels = {f["level"] for f in findings if f["topic"] == f"PAM {service}"}
+        assert levels == {"ok"}, (service, [f for f in findings if f["topic"] == f"PAM {service}"])

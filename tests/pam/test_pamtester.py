@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sqlite3
 from collections.abc import Callable
+from pathlib import Path
 
 from pam_helpers import Mfa, pamtester, totp_code, wait_for_fresh_step
 
@@ -65,11 +66,16 @@ def test_lockout_threshold_is_enforced(mfa: Mfa, pam_service: Callable[..., str]
     assert any(row.event == "lock" for row in mfa.audit("root"))
 
 
-def test_user_with_no_device_fails(mfa: Mfa, pam_service: Callable[..., str]) -> None:
+def test_user_with_no_device_fails_and_looks_like_any_other_failure(mfa: Mfa, pam_service: Callable[..., str]) -> None:
+    mfa.enroll("root")
     service = pam_service(stack(mfa))
-    r = pamtester(service, "root", ["123456"])
-    assert r.rc != 0, r
-    assert last_auth_reason(mfa, "root") == "no device enrolled"
+    nobody = pamtester(service, "nobody", ["123456", "234567", "345678"])
+    assert nobody.rc != 0, nobody
+    assert last_auth_reason(mfa, "nobody") == "no device enrolled"
+    enrolled = pamtester(service, "root", ["123456", "234567", "345678"])
+    # As many prompts and failure messages as for an enrolled user with wrong codes.
+    assert nobody.text.count("Verification code: ") == enrolled.text.count("Verification code: ") == 3
+    assert nobody.text.count("Verification failed.") == enrolled.text.count("Verification failed.") == 3
 
 
 def test_disabled_devices_are_not_no_device(mfa: Mfa, pam_service: Callable[..., str]) -> None:
@@ -82,7 +88,7 @@ def test_disabled_devices_are_not_no_device(mfa: Mfa, pam_service: Callable[...,
         DeviceManager(store).set_enabled("root", device.id, False, Context(service="test"), force=True)
     # Even with grace on for root, a user whose devices exist but are disabled fails.
     mfa.write_config("enforcement:\n  grace:\n    until: 2999-01-01\n    users: [root]\n")
-    service = pam_service(stack(mfa, after=["auth required pam_permit.so"]))
+    service = pam_service(stack(mfa, options="tries=1", after=["auth required pam_permit.so"]))
     r = pamtester(service, "root", [totp_code(secret)])
     assert r.rc != 0, r
     assert last_auth_reason(mfa, "root").startswith("no usable device")
@@ -154,7 +160,7 @@ def test_internal_error_under_pam_permit_denies(mfa: Mfa, pam_service: Callable[
     with sqlite3.connect(mfa.root / "lib" / "mfaguard.db") as conn:
         # Break the devices table under the core: every read of it raises.
         conn.execute("ALTER TABLE devices RENAME TO devices_gone")
-    service = pam_service(["auth required pam_permit.so", mfa.pam_line("auth")])
+    service = pam_service(["auth required pam_permit.so", mfa.pam_line("auth", options="tries=1")])
     r = pamtester(service, "root", [totp_code(secret)])
     assert r.rc != 0, r
     assert "Traceback" in mfa.log.read_text() or "error" in (last_auth_reason(mfa, "root") or "")
@@ -239,3 +245,31 @@ def test_yubico_otp_through_pam(mfa: Mfa, pam_service: Callable[..., str]) -> No
     assert pamtester(service, "root", [second], "authenticate", "acct_mgmt").rc == 0
     assert pamtester(service, "root", [first]).rc != 0
     assert last_auth_reason(mfa, "root") == "replay: code already used"
+
+
+def test_a_duplicated_option_fails_closed(mfa: Mfa, pam_service: Callable[..., str]) -> None:
+    secret = mfa.enroll("root")
+    line = mfa.pam_line("auth", options="tries=1 tries=2")
+    service = pam_service([line, "auth required pam_permit.so"])
+    assert pamtester(service, "root", [totp_code(secret)]).rc != 0
+    assert "given twice" in mfa.log.read_text()
+
+
+def test_code_that_others_can_change_is_refused(mfa: Mfa, tmp_path: Path, pam_service: Callable[..., str]) -> None:
+    """A copy of the module whose files anybody may rewrite must not run as root."""
+    import shutil
+
+    from pam_helpers import ENTRY_FILE
+
+    tree = tmp_path / "tree"
+    for package in ("pam_module", "devicedb"):
+        shutil.copytree(ENTRY_FILE.parents[1] / package, tree / package, ignore=shutil.ignore_patterns("__pycache__"))
+    os.chmod(tree, 0o755)  # noqa: S103 - root-owned, not writable by others
+    secret = mfa.enroll("root")
+    line = mfa.pam_line("auth", options="tries=1").replace(str(ENTRY_FILE), str(tree / "pam_module/pam_mfaguard.py"))
+    service = pam_service([line, "auth required pam_permit.so"])
+    wait_for_fresh_step()
+    assert pamtester(service, "root", [totp_code(secret)]).rc == 0  # a root-owned copy runs
+    os.chmod(tree / "devicedb" / "verifier.py", 0o666)  # noqa: S103 - the unsafe mode under test
+    assert pamtester(service, "root", [totp_code(secret, 1)]).rc != 0
+    assert "writable by group or others" in mfa.log.read_text()

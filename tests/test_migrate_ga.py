@@ -1,0 +1,119 @@
+"""Migration from google-authenticator-libpam: secret, options and scratch codes."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from devicedb.errors import InvalidInput
+from devicedb.importers import google_authenticator
+from devicedb.kinds import hotp, totp
+from mfa_admin.cli import main
+
+SECRET_80 = bytes(range(10))  # the 80-bit secrets google-authenticator writes by default
+SCRATCH = ["12345678", "87654321", "11223344"]
+
+
+def ga_file(path: Path, *options: str, secret: bytes = SECRET_80, scratch: list[str] = SCRATCH) -> Path:
+    lines = [base64.b32encode(secret).decode().rstrip("="), *[f'" {o}' for o in options], *scratch]
+    path.write_text("\n".join(lines) + "\n")
+    os.chmod(path, 0o400)
+    return path
+
+
+def cli(config: Path, *args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    old, sys.stdin = sys.stdin, io.StringIO("")
+    try:
+        return main(["--config", str(config), *args], out=out, err=err), out.getvalue(), err.getvalue()
+    finally:
+        sys.stdin = old
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    os.chmod(tmp_path, 0o700)
+    path = tmp_path / "mfaguard.yaml"
+    path.write_text(f"database:\n  path: {tmp_path}/db/m.db\n  key_file: {tmp_path}/key/seal.key\n")
+    os.chmod(path, 0o600)
+    assert cli(path, "init")[0] == 0
+    return path
+
+
+def test_parse_options_and_scratch_codes() -> None:
+    data = (
+        f'{base64.b32encode(SECRET_80).decode()}\n" RATE_LIMIT 3 30 1700000000\n" WINDOW_SIZE 17\n'
+        '" DISALLOW_REUSE 56666666\n" TOTP_AUTH\n12345678\n87654321\n'
+    )
+    ga = google_authenticator.parse(data.encode(), "f")
+    assert (ga.kind, ga.step, ga.window, ga.disallow_reuse, ga.rate_limit) == ("totp", 30, 17, True, (3, 30))
+    assert ga.scratch_codes == ("12345678", "87654321") and ga.weak
+    for bad, message in (
+        ("", "line 1"),
+        ("!!!\n", "base32"),
+        ("GEZDGNBV\n", "at least 80"),
+        (base64.b32encode(SECRET_80).decode() + "\nhello\n", "line 2"),
+    ):
+        with pytest.raises(InvalidInput, match=message):
+            google_authenticator.parse(bad.encode(), "f")
+
+
+def test_totp_file_becomes_a_weak_device_and_backup_codes(config: Path, tmp_path: Path) -> None:
+    import time
+
+    path = ga_file(tmp_path / "ga", "RATE_LIMIT 3 30", "WINDOW_SIZE 17", "DISALLOW_REUSE", "TOTP_AUTH")
+    rc, out, err = cli(config, "migrate", "google-authenticator", "alice", str(path))
+    assert rc == 0, err
+    assert "WINDOW_SIZE 17 -> not per device" in out and "RATE_LIMIT 3 30 -> mfaguard's lockout" in out
+    assert "flagged weak" in out and "3 scratch code(s) -> backup codes" in out
+    # The 80-bit secret keeps working ...
+    assert cli(config, "verify", "alice", totp.code_at(SECRET_80, 6, "sha1", 30, time.time()))[0] == 0
+    # ... and each scratch code works once.
+    assert cli(config, "verify", "alice", SCRATCH[0])[0] == 0
+    assert cli(config, "verify", "alice", SCRATCH[0])[0] == 1
+    rc, out, _ = cli(config, "status", "alice", "--json")
+    assert json.loads(out)["backup_codes_left"] == 2
+    # Migrating the same file again is refused: the secret is already enrolled.
+    rc, _, err = cli(config, "migrate", "google-authenticator", "alice", str(path))
+    assert rc == 5 and "already enrolled" in err
+
+
+def test_hotp_file_keeps_its_counter(config: Path, tmp_path: Path) -> None:
+    path = ga_file(tmp_path / "ga", "HOTP_COUNTER 7", "WINDOW_SIZE 5", scratch=[], secret=bytes(range(20)))
+    rc, out, err = cli(config, "migrate", "google-authenticator", "bob", str(path))
+    assert rc == 0, err
+    assert "next counter 7" in out and "HOTP look-ahead 5" in out
+    assert cli(config, "verify", "bob", hotp.code_at(bytes(range(20)), 6, "sha1", 6))[0] == 1  # below the counter
+    assert cli(config, "verify", "bob", hotp.code_at(bytes(range(20)), 6, "sha1", 8))[0] == 0
+
+
+def test_symlinks_and_big_files_are_refused(config: Path, tmp_path: Path) -> None:
+    link = tmp_path / "link"
+    link.symlink_to("/etc/shadow")
+    rc, _, err = cli(config, "migrate", "google-authenticator", "alice", str(link))
+    assert rc == 5 and "symlinks are refused" in err
+    big = tmp_path / "big"
+    big.write_text("A" * 10000)
+    assert cli(config, "migrate", "google-authenticator", "alice", str(big))[0] == 5
+
+
+def test_all_walks_home_directories(config: Path) -> None:
+    rc, out, _ = cli(config, "migrate", "google-authenticator", "--all")
+    assert rc == 0 and "file(s) found" in out
+
+
+def test_report_and_doctor_name_weak_secrets(config: Path, tmp_path: Path) -> None:
+    path = ga_file(tmp_path / "ga", "TOTP_AUTH", scratch=[])
+    assert cli(config, "migrate", "google-authenticator", "root", str(path))[0] == 0
+    rc, out, _ = cli(config, "report", "--json")
+    root = next(a for a in json.loads(out)["accounts"] if a["user"] == "root")
+    assert root["status"] == "covered" and root["weak_devices"] == [1] and "WEAK" in root["note"]
+    rc, out, _ = cli(config, "doctor", "--json", "--pam-dir", str(tmp_path))
+    findings = json.loads(out)
+    assert any(f["topic"] == "weak secrets" and "root" in f["text"] for f in findings)
