@@ -536,7 +536,8 @@ def test_verify_reads_code_from_stdin_without_argument(ready: Cli) -> None:
     r = ready.run("verify", "alice", stdin=code(secret) + "\n")
     assert r.rc == EXIT_OK, r
     r = ready.run("verify", "alice", "-", stdin="")
-    assert r.rc == EXIT_REJECTED, r
+    assert r.rc == EXIT_USAGE, r  # no code at all is a usage error, not an attempt
+    assert "no code given" in r.err
 
 
 def test_enroll_prints_a_qr_code_by_default(ready: Cli) -> None:
@@ -1138,7 +1139,8 @@ def test_audit_verify_fresh_and_tampered(ready: Cli) -> None:
     assert r.rc == EXIT_REJECTED, r
     report = json.loads(r.out)
     assert report["ok"] is False
-    assert {p["row"] for p in report["problems"]} == {2}
+    assert {p["row"] for p in report["problems"] if "trigger" not in p["problem"]} == {2}
+    assert len([p for p in report["problems"] if "trigger" in p["problem"] and "missing" in p["problem"]]) == 2
 
 
 def test_audit_verify_detects_a_deleted_row(ready: Cli) -> None:
