@@ -9,10 +9,19 @@ from __future__ import annotations
 
 from devicedb.errors import InvalidInput, NotFound
 from devicedb.importers import TokenRecord
-from devicedb.kinds import hotp, totp
+from devicedb.kinds import hotp, totp, yubico
 from devicedb.models import Context
 from devicedb.store import InventoryToken, Store
 from devicedb.usernames import canonical_user
+
+
+def _domain(kind: str) -> str:
+    """Duplicate detection shares one space per secret family: OATH seeds, and Yubico AES keys."""
+    return yubico.FINGERPRINT_DOMAIN if kind == "yubico" else totp.FINGERPRINT_DOMAIN
+
+
+def _material(kind: str, secret: bytes) -> bytes:
+    return secret[: yubico.KEY_BYTES] if kind == "yubico" else secret
 
 
 class Inventory:
@@ -30,12 +39,15 @@ class Inventory:
         with self.store.transaction() as tx:
             for record in records:
                 record.check()
-                params: dict[str, object] = {"weak": True} if len(record.secret) < 16 else {}
+                params: dict[str, object] = dict(record.params)
+                if record.kind != "yubico" and len(record.secret) < 16:
+                    params["weak"] = True
                 tx.insert_token(
                     serial=record.serial,
                     kind=record.kind,
                     secret=record.secret,
-                    fingerprint_domain=totp.FINGERPRINT_DOMAIN,
+                    fingerprint_material=_material(record.kind, record.secret),
+                    fingerprint_domain=_domain(record.kind),
                     algorithm=record.algorithm,
                     digits=record.digits,
                     period=record.period,
@@ -67,24 +79,27 @@ class Inventory:
                 raise InvalidInput(f"token {serial} is {token.status}{who}; only unassigned tokens can be assigned")
             secret = tx.open_token_secret(token)
             params: dict[str, object] = {"serial": serial, **({"weak": True} if token.params.get("weak") else {})}
+            material = _material(token.kind, secret)
             if token.kind == "hotp":
                 params |= {"look_ahead": hotp.DEFAULT_LOOK_AHEAD, "resync_window": hotp.DEFAULT_RESYNC_WINDOW}
             elif token.kind == "totp":
                 params["hardware"] = True
+            elif token.kind == "yubico":
+                params["public_id"] = token.params["public_id"]
             else:
-                raise InvalidInput(f"token {serial} is of kind {token.kind}, which cannot be assigned yet")
+                raise InvalidInput(f"token {serial} is of kind {token.kind}, which cannot be assigned")
             device_id = tx.insert_device(
                 user=user,
                 kind=token.kind,
                 label=f"{token.kind.upper()} token {serial}"[:64],
                 secret=secret,
-                fingerprint_domain=totp.FINGERPRINT_DOMAIN,
-                fingerprint_material=secret,
+                fingerprint_domain=_domain(token.kind),
+                fingerprint_material=material,
                 max_devices=self.settings.max_devices,
                 algorithm=token.algorithm,
                 digits=token.digits,
                 period=token.period,
-                next_counter=token.counter if token.kind == "hotp" else None,
+                next_counter=token.counter if token.kind == "hotp" else (0 if token.kind == "yubico" else None),
                 params=params,
             )
             tx.set_token_status(serial, "assigned", user, device_id)

@@ -348,6 +348,7 @@ class Tx:
         kind: str,
         secret: bytes,
         fingerprint_domain: str,
+        fingerprint_material: bytes,
         algorithm: str | None,
         digits: int | None,
         period: int | None,
@@ -356,7 +357,7 @@ class Tx:
         source: str,
         where: str,
     ) -> None:
-        fingerprint = self.keyring.fingerprint(fingerprint_domain, secret)
+        fingerprint = self.keyring.fingerprint(fingerprint_domain, fingerprint_material)
         if self.conn.execute("SELECT 1 FROM tokens WHERE serial = ?", (serial,)).fetchone():
             raise DuplicateDeviceError(f"{where}: serial {serial} is already in the inventory")
         if self.conn.execute(

@@ -203,3 +203,37 @@ def test_cli_tokens(tmp_path: Path) -> None:
     assert run_cli(config, "verify", "alice", hotp.code_at(RFC_SECRET, 8, "sha1", 0))[0] == 0
     assert run_cli(config, "tokens", "assign", "nope", "alice")[0] == 5
     assert run_cli(config, "tokens", "import", "csv", str(tmp_path / "missing.csv"))[0] == 2
+
+
+YUBICO_LOG = (
+    "LOGGING START,12/03/26 10:00\n"
+    "Yubico OTP,12/03/26 10:01,1,ndgtriluugng,c5fc55c3767f,0682952d3363f225654b58a73b131259,,,0,0,0,0,0,0,0,0,0,0\n"
+    "OATH-HOTP,12/03/26 10:02,2,cccccccccccb,,3132333435363738393031323334353637383930,,,0,0,0,8,0,0,0,0,0,0\n"
+)
+
+
+def test_yubikey_personalization_log_imports_both_kinds(mfa_env: MfaEnv) -> None:
+    records = csvfile.parse(YUBICO_LOG.encode())
+    assert [(r.serial, r.kind, r.digits) for r in records] == [
+        ("ndgtriluugng", "yubico", 6),
+        ("cccccccccccb", "hotp", 8),
+    ]
+    store = mfa_env.open(mfa_env.initialise())
+    inventory = Inventory(store)
+    inventory.import_tokens(records, "csv:log", CTX)
+    # The private id is sealed with the key, not stored in the clear.
+    assert b"c5fc55c3767f" not in mfa_env.db_bytes() and bytes.fromhex("c5fc55c3767f") not in mfa_env.db_bytes()
+    inventory.assign("ndgtriluugng", "alice", CTX)
+    inventory.assign("cccccccccccb", "bob", CTX)
+    verifier = mfa_env.verifier(store)
+    otp = "ndgtriluugngkuhguutjdfihfkleuvnjtjiljkbtbngb"
+    assert verifier.verify("alice", otp, CTX).result is Result.ACCEPTED
+    assert verifier.verify("alice", otp, CTX).result is Result.REPLAY
+    assert verifier.verify("bob", hotp.code_at(RFC_SECRET, 8, "sha1", 0), CTX).result is Result.ACCEPTED
+
+
+def test_yubikey_log_lines_without_codes_are_refused() -> None:
+    with pytest.raises(InvalidInput, match="line 1: a Static Password slot has no one-time codes"):
+        csvfile.parse(b"Static Password,12/03/26 10:00,1,,d5a3d50327dc,0e8e37b0e38b314a56748c030f58d21d,,,0,0,0,0\n")
+    with pytest.raises(InvalidInput, match="line 1: no public id"):
+        csvfile.parse(b"OATH-HOTP,12/03/26 10:02,2,,,3132333435363738393031323334353637383930,,,0,0,0,6\n")

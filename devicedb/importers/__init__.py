@@ -44,6 +44,8 @@ class TokenRecord:
                 raise InvalidInput(f"{where}: algorithm {self.algorithm!r}; allowed: sha1, sha256, sha512")
             if len(self.secret) < 10:
                 raise InvalidInput(f"{where}: the seed is {len(self.secret) * 8} bits; at least 80 are needed")
+        if self.kind == "yubico" and len(self.secret) != 22:
+            raise InvalidInput(f"{where}: a Yubico OTP secret is a 16-byte AES key and a 6-byte private id")
         if self.kind == "totp" and self.period not in (30, 60):
             raise InvalidInput(f"{where}: period {self.period}; allowed: 30 or 60")
         if self.kind == "hotp" and (self.counter is None or not 0 <= self.counter < 2**63):

@@ -29,6 +29,14 @@ class _SealedSecretOtp(pyotp.OTP):
     # stored secret must still work.
     min_secret_length_bits: ClassVar[int] = 8
 
+    def __init__(self, secret: bytes, *, digits: int, digest: Any) -> None:
+        self._secret_bytes = secret
+        super().__init__(b32(secret), digits=digits, digest=digest)
+
+    def byte_secret(self) -> bytes:
+        # pyotp decodes the base32 form again for every code; the bytes are already at hand.
+        return self._secret_bytes
+
 
 def validate_params(digits: int, algorithm: str, period: int) -> None:
     if digits not in DIGITS:
@@ -48,7 +56,7 @@ def b32(secret: bytes) -> str:
 
 
 def otp(secret: bytes, digits: int, algorithm: str) -> pyotp.OTP:
-    return _SealedSecretOtp(b32(secret), digits=digits, digest=ALGORITHMS[algorithm])
+    return _SealedSecretOtp(secret, digits=digits, digest=ALGORITHMS[algorithm])
 
 
 def code_at(secret: bytes, digits: int, algorithm: str, period: int, unix_time: float) -> str:
