@@ -205,6 +205,49 @@ class DeviceManager:
             )
             return tx.device(user, device_id)
 
+    def enroll_ssh_key(self, raw_user: str, line: str, context: Context, *, label: str | None = None) -> Device:
+        """An OpenSSH security key (sk- type) that sshd will accept for this user."""
+        from devicedb.kinds import ssh_sk
+
+        user = self.canonical(raw_user)
+        key = ssh_sk.parse_public_key(line)
+        with self.store.transaction() as tx:
+            device_id = tx.insert_device(
+                user=user,
+                kind=ssh_sk.KIND,
+                label=label or key.comment or "security key (SSH)",
+                secret=None,
+                fingerprint_domain=ssh_sk.FINGERPRINT_DOMAIN,
+                fingerprint_material=key.blob,
+                max_devices=self.settings.max_devices,
+                params={
+                    "key_type": key.key_type,
+                    "public_key": key.blob_b64,
+                    "options": list(key.options),
+                    "comment": key.comment,
+                },
+            )
+            tx.audit(
+                "device_added",
+                user,
+                context,
+                device_id=device_id,
+                reason="active",
+                detail={"kind": ssh_sk.KIND, "key_type": key.key_type, "options": list(key.options)},
+            )
+            return tx.device(user, device_id)
+
+    def authorized_keys(self, raw_user: str) -> list[str]:
+        """The user's enabled security keys, as authorized_keys lines for sshd's AuthorizedKeysCommand."""
+        from devicedb.kinds import ssh_sk
+
+        user = self.canonical(raw_user)
+        return [
+            ssh_sk.from_device(d).authorized_keys_line()
+            for d in self.store.list_devices(user)
+            if d.kind == ssh_sk.KIND and d.usable
+        ]
+
     def resync(self, raw_user: str, device_id: int, first: str, second: str, context: Context) -> int:
         """Re-synchronise a token from two consecutive codes.
 

@@ -285,6 +285,11 @@ class Tx:
         )
         return cur.rowcount == 1
 
+    def touch_device(self, device: Device) -> None:
+        self.conn.execute(
+            "UPDATE devices SET last_used_at = ? WHERE id = ? AND user = ?", (self.now, device.id, device.user)
+        )
+
     def note_state(self, device: Device, note: dict[str, int | float | None]) -> None:
         """Record state a failed attempt leaves behind (an HOTP code awaiting its successor)."""
         if not note or not set(note) <= _EXTRA_FIELDS:

@@ -299,6 +299,39 @@ class Verifier:
             log.error("could not write the audit row for an error decision (%s): %s", reason, exc)
         return Decision(Result.ERROR, reason, user)
 
+    def ssh_key_factor(self, raw_user: str | bytes, auth_info: str, context: Context) -> Decision | None:
+        """The FIDO factor of an SSH login: sshd's SSH_AUTH_INFO_0 names a publickey login with one of
+        the user's enabled security keys. Returns None when it names none (the caller asks for a code),
+        else the decision, audited: ACCEPTED, or LOCKED for a locked user."""
+        try:
+            from devicedb.kinds import ssh_sk
+
+            if not ssh_sk.used_keys(auth_info):
+                return None
+            user = canonical_user(raw_user, self.settings.usernames)
+            with self.store().transaction() as tx:
+                keys = [d for d in tx.devices(user) if d.kind == ssh_sk.KIND and d.usable]
+                device = next((d for d in keys if ssh_sk.matches_login(d, auth_info)), None)
+                if device is None:
+                    return None
+                if tx.lock_state(user).locked_at(tx.now):
+                    tx.audit("auth", user, context, reason="locked", device_id=device.id)
+                    return Decision(Result.LOCKED, "locked", user, device.id)
+                tx.touch_device(device)
+                tx.record_success(user)
+                tx.audit(
+                    "auth",
+                    user,
+                    context,
+                    reason="accepted: ssh security key",
+                    device_id=device.id,
+                    detail={"kind": ssh_sk.KIND},
+                )
+                return Decision(Result.ACCEPTED, "ssh security key", user, device.id)
+        except Exception as exc:
+            log.exception("security-key check failed")
+            return self._error(None, context, describe_error(exc))
+
     def record_abandoned(self, raw_user: str | bytes, context: Context, reason: str) -> Decision:
         """An attempt that never reached a code (empty answer, conversation error, missing phase).
 

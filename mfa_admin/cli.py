@@ -132,6 +132,8 @@ def _device_params(d: Device) -> str:
     parts = []
     if d.kind == "totp":
         parts.append(f"{d.digits} digits, {(d.algorithm or 'sha1').upper()}, {d.period}s")
+    elif d.kind == "ssh-sk":
+        parts.append(f"{d.params.get('key_type')}, options {','.join(d.params.get('options', [])) or 'none'}")
     elif d.kind == "yubico":
         parts.append(f"public id {d.params.get('public_id')}, next counter {d.next_counter}")
     elif d.kind == "hotp":
@@ -292,6 +294,29 @@ class App:
             a.user, admin_context(), public_id=a.public_id, private_id=private_id, aes_key=key, label=a.label
         )
         self.say(f"Device {device.id} ({device.label}) is active for {device.user}: {_device_params(device)}.")
+        return EXIT_OK
+
+    def cmd_enroll_ssh_key(self) -> int:
+        a = self.args
+        if a.file == "-":
+            line = sys.stdin.readline()
+        else:
+            try:
+                with open(a.file, encoding="utf-8", errors="strict") as f:
+                    line = f.readline()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise CliError(f"{a.file}: cannot be read ({exc})", EXIT_USAGE) from None
+        device = DeviceManager(self.store).enroll_ssh_key(a.user, line, admin_context(), label=a.label)
+        options = ", ".join(device.params.get("options", [])) or "none"
+        self.say(
+            f"Device {device.id} ({device.label}) is active for {device.user}: {device.params['key_type']}, "
+            f"options {options}. sshd learns it through `mfa-admin authorized-keys {device.user}`."
+        )
+        return EXIT_OK
+
+    def cmd_authorized_keys(self) -> int:
+        for line in DeviceManager(self.store).authorized_keys(self.args.user):
+            self.say(line)
         return EXIT_OK
 
     def cmd_devices_resync(self) -> int:
@@ -911,6 +936,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--secret-file", metavar="FILE", help="file whose first line is the AES key (default: stdin)")
     p.add_argument("--label", help="a name for the key (default: 'YubiKey PUBLICID')")
 
+    p = add(
+        enroll_sub,
+        "ssh-key",
+        App.cmd_enroll_ssh_key,
+        "enroll an OpenSSH security key (sk-ssh-ed25519 or sk-ecdsa) from its .pub file ('-' for stdin)",
+    )
+    p.add_argument("user", metavar="USER")
+    p.add_argument("file", metavar="FILE.pub")
+    p.add_argument("--label", help="a name for the key (default: the .pub file's comment)")
+
     devices = group("devices", "list and manage devices")
     dev_sub = devices.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = add(dev_sub, "list", App.cmd_devices_list, "list devices, of one user or of everybody")
@@ -939,6 +974,14 @@ def build_parser() -> argparse.ArgumentParser:
     backup = group("backup-codes", "backup codes for a lost device")
     backup_sub = backup.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = add(backup_sub, "generate", App.cmd_backup_codes_generate, "print 10 new one-time codes; voids the old set")
+    p.add_argument("user", metavar="USER")
+
+    p = add(
+        sub,
+        "authorized-keys",
+        App.cmd_authorized_keys,
+        "print USER's enabled security keys in authorized_keys format, for sshd's AuthorizedKeysCommand",
+    )
     p.add_argument("user", metavar="USER")
 
     p = add(sub, "unlock", App.cmd_unlock, "lift a lock and reset the failure counters of a user")

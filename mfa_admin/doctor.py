@@ -174,6 +174,19 @@ def check_stack(service: str, pam_dir: Path, *, account_required: bool) -> list[
             for i, (f, other) in enumerate(lines[:index])
             if _split(other)[0] == kind and _can_skip(i, other, index)
         ]
+        if kind == "auth":
+            for f, other in lines[:index]:
+                kind_other, _, rest = _split(other)
+                if kind_other == "auth" and rest and rest[0].endswith("pam_env.so") and "user_readenv=1" in rest:
+                    findings.append(
+                        Finding(
+                            "fail",
+                            topic,
+                            f"`{other}` in {f} lets users set PAM environment variables before "
+                            "mfaguard reads SSH_AUTH_INFO_0 (which names the security key of an SSH login)",
+                            "drop user_readenv=1 from auth lines, or move pam_env to the session stack",
+                        )
+                    )
         for f, other in bypass:
             findings.append(
                 Finding(

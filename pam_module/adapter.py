@@ -130,6 +130,17 @@ def authenticate(pamh: Any, flags: int, argv: list[str]) -> int:
         if requirement.requirement is not Requirement.REQUIRED:
             log.info("%s: %s for %s (%s)", context.service, requirement.requirement.value, user, requirement.reason)
             return int(pamh.PAM_IGNORE)
+        # An SSH login made with one of the user's enrolled security keys has its FIDO factor done:
+        # sshd verified the key and reports it in SSH_AUTH_INFO_0. A plain key still gets the prompt.
+        auth_info = _env(pamh, "SSH_AUTH_INFO_0")
+        if auth_info:
+            decision = verifier.ssh_key_factor(user, auth_info, context)
+            if decision is not None and decision.accepted:
+                pamh.env[TICKET_ENV] = verifier.issue_ticket(user, context)
+                log.info(
+                    "%s: accepted %s (security key, device %s)", context.service, decision.user, decision.device_id
+                )
+                return int(pamh.PAM_SUCCESS)
         for _ in range(options.tries):
             try:
                 answer = pamh.conversation(pamh.Message(pamh.PAM_PROMPT_ECHO_OFF, options.prompt)).resp
@@ -156,6 +167,14 @@ def authenticate(pamh: Any, flags: int, argv: list[str]) -> int:
         return int(pamh.PAM_AUTH_ERR)
     finally:
         verifier.close()
+
+
+def _env(pamh: Any, name: str) -> str | None:
+    try:
+        value = pamh.env.get(name)
+    except Exception:
+        return None
+    return value if isinstance(value, str) else None
 
 
 def _take_ticket(pamh: Any) -> str | None:

@@ -20,6 +20,7 @@ _MODULES = {
     "totp": "devicedb.kinds.totp",
     "hotp": "devicedb.kinds.hotp",
     "yubico": "devicedb.kinds.yubico",
+    "ssh-sk": "devicedb.kinds.ssh_sk",
 }
 
 KIND_NAMES = tuple(_MODULES)
