@@ -65,19 +65,16 @@ def check_file(path: str, what: str, *, secret: bool = False) -> os.stat_result:
     """
     check_folder(os.path.dirname(os.path.abspath(path)) or "/", f"folder of the {what}")
     st = lstat_no_symlink(path, what)
-    if not stat.S_ISREG(st.st_mode):
-        raise UnsafePathError(f"{what} {path} is not a regular file")
-    check_not_writable_by_others(path, st, what)
-    if secret and st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise UnsafePathError(
-            f"{what} {path} has mode {describe_mode(st.st_mode)}, readable by group or others; fix: chmod 600 {path}"
-        )
+    _check_regular(path, st, what, secret)
     return st
 
 
 def check_open_file(fd: int, path: str, what: str, *, secret: bool = False) -> None:
     """Re-check an opened file through its descriptor, closing the lstat/open race."""
-    st = os.fstat(fd)
+    _check_regular(path, os.fstat(fd), what, secret)
+
+
+def _check_regular(path: str, st: os.stat_result, what: str, secret: bool) -> None:
     if not stat.S_ISREG(st.st_mode):
         raise UnsafePathError(f"{what} {path} is not a regular file")
     check_not_writable_by_others(path, st, what)

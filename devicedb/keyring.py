@@ -76,48 +76,37 @@ class Keyring:
             os.close(fd)
         return True
 
-    def seal(self, device_id: int, user: str, secret: bytes) -> bytes:
+    def _seal(self, aad: bytes, secret: bytes) -> bytes:
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
         nonce = secrets.token_bytes(_NONCE_BYTES)
-        return _SEAL_VERSION + nonce + AESGCM(self._seal_key).encrypt(nonce, secret, _aad(device_id, user))
+        return _SEAL_VERSION + nonce + AESGCM(self._seal_key).encrypt(nonce, secret, aad)
 
-    def open(self, device_id: int, user: str, sealed: bytes) -> bytes:
+    def _open(self, aad: bytes, sealed: bytes, what: str) -> bytes:
         from cryptography.exceptions import InvalidTag
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
         if len(sealed) < 1 + _NONCE_BYTES + 16 or sealed[:1] != _SEAL_VERSION:
-            raise SealError(f"device {device_id}: sealed secret has an unknown format")
-        nonce = sealed[1 : 1 + _NONCE_BYTES]
+            raise SealError(f"{what}: sealed secret has an unknown format")
         try:
-            return AESGCM(self._seal_key).decrypt(nonce, sealed[1 + _NONCE_BYTES :], _aad(device_id, user))
+            return AESGCM(self._seal_key).decrypt(sealed[1 : 1 + _NONCE_BYTES], sealed[1 + _NONCE_BYTES :], aad)
         except InvalidTag:
             raise SealError(
-                f"device {device_id}: sealed secret does not open for user {user!r}: "
-                "wrong key file, or the row was altered or moved"
+                f"{what}: sealed secret does not open: wrong key file, or the row was altered or moved"
             ) from None
+
+    def seal(self, device_id: int, user: str, secret: bytes) -> bytes:
+        return self._seal(_aad(device_id, user), secret)
+
+    def open(self, device_id: int, user: str, sealed: bytes) -> bytes:
+        return self._open(_aad(device_id, user), sealed, f"device {device_id} of user {user!r}")
 
     def seal_token(self, serial: str, secret: bytes) -> bytes:
         """Seal an inventory token's seed, bound to its serial (it has no device or user yet)."""
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-        nonce = secrets.token_bytes(_NONCE_BYTES)
-        return _SEAL_VERSION + nonce + AESGCM(self._seal_key).encrypt(nonce, secret, _token_aad(serial))
+        return self._seal(_token_aad(serial), secret)
 
     def open_token(self, serial: str, sealed: bytes) -> bytes:
-        from cryptography.exceptions import InvalidTag
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-        if len(sealed) < 1 + _NONCE_BYTES + 16 or sealed[:1] != _SEAL_VERSION:
-            raise SealError(f"token {serial}: sealed seed has an unknown format")
-        try:
-            return AESGCM(self._seal_key).decrypt(
-                sealed[1 : 1 + _NONCE_BYTES], sealed[1 + _NONCE_BYTES :], _token_aad(serial)
-            )
-        except InvalidTag:
-            raise SealError(
-                f"token {serial}: sealed seed does not open: wrong key file, or the row was altered"
-            ) from None
+        return self._open(_token_aad(serial), sealed, f"token {serial}")
 
     def fingerprint(self, domain: str, material: bytes) -> str:
         """A keyed digest that finds a secret enrolled twice without storing it in the clear."""

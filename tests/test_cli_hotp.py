@@ -2,36 +2,14 @@
 
 from __future__ import annotations
 
-import io
-import os
 from pathlib import Path
 
+from cli_helpers import make_config
+from cli_helpers import run_cli as run
+
 from devicedb.kinds import hotp
-from mfa_admin.cli import main
 
 SEED = b"12345678901234567890"
-
-
-def run(config: Path, *args: str, stdin: str = "") -> tuple[int, str, str]:
-    import sys
-
-    out, err = io.StringIO(), io.StringIO()
-    old = sys.stdin
-    sys.stdin = io.StringIO(stdin)
-    try:
-        rc = main(["--config", str(config), *args], out=out, err=err)
-    finally:
-        sys.stdin = old
-    return rc, out.getvalue(), err.getvalue()
-
-
-def make_config(tmp_path: Path) -> Path:
-    os.chmod(tmp_path, 0o700)
-    config = tmp_path / "mfaguard.yaml"
-    config.write_text(f"database:\n  path: {tmp_path}/db/m.db\n  key_file: {tmp_path}/key/seal.key\n")
-    os.chmod(config, 0o600)
-    assert run(config, "init")[0] == 0
-    return config
 
 
 def test_enroll_hotp_from_stdin_then_verify_and_resync(tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import sqlite3
@@ -12,12 +11,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from cli_helpers import make_config
+from cli_helpers import run_cli as cli
 
 from devicedb.errors import ConfigError, SchemaError, UnsafePathError
 from devicedb.models import Context, Result
 from devicedb.settings import load_settings, parse_settings
 from devicedb.store import Store
-from mfa_admin.cli import main
 
 if TYPE_CHECKING:
     from conftest import Enroll, Lib, MfaEnv
@@ -99,25 +99,6 @@ def test_init_does_not_silently_replace_an_emptied_database(mfa_env: MfaEnv) -> 
     assert mfa_env.key_path.read_bytes() == key_before
 
 
-def cli(config: Path, *args: str, stdin: str = "") -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    old, sys.stdin = sys.stdin, io.StringIO(stdin)
-    try:
-        return main(["--config", str(config), *args], out=out, err=err), out.getvalue(), err.getvalue()
-    finally:
-        sys.stdin = old
-
-
-@pytest.fixture
-def config(tmp_path: Path) -> Path:
-    os.chmod(tmp_path, 0o700)
-    path = tmp_path / "mfaguard.yaml"
-    path.write_text(f"database:\n  path: {tmp_path}/db/m.db\n  key_file: {tmp_path}/key/seal.key\n")
-    os.chmod(path, 0o600)
-    assert cli(path, "init")[0] == 0
-    return path
-
-
 def test_cli_verify_empty_code_is_a_usage_error_and_counts_nothing(config: Path) -> None:
     assert cli(config, "enroll", "totp", "alice", "--no-confirm", "--no-qr")[0] == 0
     rc, _, err = cli(config, "verify", "alice", "")
@@ -168,3 +149,8 @@ def test_cli_broken_pipe_is_not_an_error(config: Path) -> None:
     r = subprocess.run(["/bin/bash", "-c", script], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() in ("0", "141"), r
     assert "Broken pipe" not in r.stderr
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    return make_config(tmp_path)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import os
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from cli_helpers import run_cli
 
 from devicedb.errors import DeviceLimitError, DuplicateDeviceError, InvalidInput
 from devicedb.importers import csvfile, pskc
@@ -16,7 +15,6 @@ from devicedb.inventory import Inventory
 from devicedb.kinds import hotp, totp
 from devicedb.manage import DeviceManager
 from devicedb.models import Context, Result
-from mfa_admin.cli import main
 
 if TYPE_CHECKING:
     from conftest import MfaEnv
@@ -169,15 +167,6 @@ def test_assign_unassign_and_revoke(mfa_env: MfaEnv) -> None:
     for event in ("tokens_imported", "token_assigned", "token_unassigned", "token_revoked"):
         assert event in events
     assert store.verify_audit().ok
-
-
-def run_cli(config: Path, *args: str, stdin: str = "") -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    old, sys.stdin = sys.stdin, io.StringIO(stdin)
-    try:
-        return main(["--config", str(config), *args], out=out, err=err), out.getvalue(), err.getvalue()
-    finally:
-        sys.stdin = old
 
 
 def test_cli_tokens(tmp_path: Path) -> None:

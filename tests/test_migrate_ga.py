@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import make_config
+from cli_helpers import run_cli as cli
 
 from devicedb.errors import InvalidInput
 from devicedb.importers import google_authenticator
 from devicedb.kinds import hotp, totp
-from mfa_admin.cli import main
 
 SECRET_80 = bytes(range(10))  # the 80-bit secrets google-authenticator writes by default
 SCRATCH = ["12345678", "87654321", "11223344"]
@@ -24,25 +23,6 @@ def ga_file(path: Path, *options: str, secret: bytes = SECRET_80, scratch: list[
     lines = [base64.b32encode(secret).decode().rstrip("="), *[f'" {o}' for o in options], *scratch]
     path.write_text("\n".join(lines) + "\n")
     os.chmod(path, 0o400)
-    return path
-
-
-def cli(config: Path, *args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    old, sys.stdin = sys.stdin, io.StringIO("")
-    try:
-        return main(["--config", str(config), *args], out=out, err=err), out.getvalue(), err.getvalue()
-    finally:
-        sys.stdin = old
-
-
-@pytest.fixture
-def config(tmp_path: Path) -> Path:
-    os.chmod(tmp_path, 0o700)
-    path = tmp_path / "mfaguard.yaml"
-    path.write_text(f"database:\n  path: {tmp_path}/db/m.db\n  key_file: {tmp_path}/key/seal.key\n")
-    os.chmod(path, 0o600)
-    assert cli(path, "init")[0] == 0
     return path
 
 
@@ -117,3 +97,8 @@ def test_report_and_doctor_name_weak_secrets(config: Path, tmp_path: Path) -> No
     rc, out, _ = cli(config, "doctor", "--json", "--pam-dir", str(tmp_path))
     findings = json.loads(out)
     assert any(f["topic"] == "weak secrets" and "root" in f["text"] for f in findings)
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    return make_config(tmp_path)

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import base64
-import io
 import os
 import secrets
 import struct
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from cli_helpers import run_cli as cli
 
 from devicedb.errors import DeviceLimitError, DuplicateDeviceError, InvalidInput
 from devicedb.manage import DeviceManager
 from devicedb.models import Context, Result
-from mfa_admin.cli import main
 
 if TYPE_CHECKING:
     from conftest import MfaEnv
@@ -158,15 +156,6 @@ def test_pam_auth_phase_counts_an_enrolled_key_and_prompts_for_a_plain_one(tmp_p
     handle = FakePamHandle("alice", {"SSH_AUTH_INFO_0": f"publickey ssh-ed25519 {plain}\n"}, ["123456"] * 3)
     assert adapter.authenticate(handle, 0, argv) == handle.PAM_AUTH_ERR
     assert handle.prompts.count(adapter.DEFAULT_PROMPT) == 3
-
-
-def cli(config: Path, *args: str, stdin: str = "") -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    old, sys.stdin = sys.stdin, io.StringIO(stdin)
-    try:
-        return main(["--config", str(config), *args], out=out, err=err), out.getvalue(), err.getvalue()
-    finally:
-        sys.stdin = old
 
 
 def test_cli_enroll_ssh_key_and_authorized_keys(tmp_path: Path) -> None:
