@@ -99,8 +99,13 @@ class Inventory:
                 algorithm=token.algorithm,
                 digits=token.digits,
                 period=token.period,
-                next_counter=token.counter if token.kind == "hotp" else (0 if token.kind == "yubico" else None),
+                next_counter=token.counter if token.kind in ("hotp", "yubico") else None,
                 params=params,
+            )
+            tx.restore_replay_state(
+                device_id,
+                last_step=token.params.get("last_step"),
+                drift=int(token.params.get("drift") or 0),
             )
             tx.set_token_status(serial, "assigned", user, device_id)
             tx.audit(
@@ -127,6 +132,7 @@ class Inventory:
                 except NotFound:
                     pass  # the device was removed by hand already
                 else:
+                    # Tx.remove kept the token's replay state: its codes used so far stay used.
                     verb = "revoked" if status == "revoked" else "unassigned"
                     tx.audit(
                         "device_removed",

@@ -342,6 +342,11 @@ class Tx:
 
     def remove(self, user: str, device_id: int) -> Device:
         device = self.device(user, device_id)
+        serial = device.params.get("serial")
+        if isinstance(serial, str):
+            # A token from the inventory keeps its replay state when its device goes, however it goes:
+            # handed out again, its used codes must stay used.
+            self.set_token_state(serial, device.next_counter, {"last_step": device.last_step, "drift": device.drift})
         self.conn.execute("DELETE FROM devices WHERE id = ? AND user = ?", (device_id, user))
         return device
 
@@ -404,6 +409,21 @@ class Tx:
 
     def open_token_secret(self, token: InventoryToken) -> bytes:
         return self.keyring.open_token(token.serial, token.sealed_secret)
+
+    def set_token_state(self, serial: str, counter: int | None, state: dict[str, Any]) -> None:
+        """Keep a token's replay state (HOTP/Yubico counter, TOTP last step and drift) while it is in stock."""
+        row = self.conn.execute("SELECT params FROM tokens WHERE serial = ?", (serial,)).fetchone()
+        params = json.loads(row[0]) if row and row[0] else {}
+        params.update({k: v for k, v in state.items() if v is not None})
+        self.conn.execute(
+            "UPDATE tokens SET counter = COALESCE(?, counter), params = ? WHERE serial = ?",
+            (counter, json.dumps(params, sort_keys=True), serial),
+        )
+
+    def restore_replay_state(self, device_id: int, *, last_step: Any, drift: int) -> None:
+        if last_step is None and not drift:
+            return
+        self.conn.execute("UPDATE devices SET last_step = ?, drift = ? WHERE id = ?", (last_step, drift, device_id))
 
     def set_token_status(self, serial: str, status: str, user: str | None, device_id: int | None) -> None:
         self.conn.execute(

@@ -33,7 +33,11 @@ def _stack_modules(service: str, pam_dir: str, depth: int = 0, seen: set[str] | 
                 f"radius.first_factor: PAM service {service} has no file {path}; create it (for example "
                 "with 'auth required pam_unix.so' and 'account required pam_unix.so') or set first_factor: none"
             ) from None
-        return []
+        # Linux-PAM fails the whole stack on a missing include: no password would ever pass.
+        raise ConfigError(
+            f"radius.first_factor: the PAM stack includes {service}, which has no file {path}; every first factor "
+            "would fail. Create it or drop the include"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"radius.first_factor: cannot read {path}: {exc.strerror}") from None
     modules: list[str] = []
@@ -69,10 +73,25 @@ def _stack_modules(service: str, pam_dir: str, depth: int = 0, seen: set[str] | 
     return modules
 
 
+_MODULE_DIRS = (
+    "/lib/security",
+    "/lib/x86_64-linux-gnu/security",
+    "/usr/lib/x86_64-linux-gnu/security",
+    "/lib/aarch64-linux-gnu/security",
+    "/usr/lib/aarch64-linux-gnu/security",
+)
+
+
+def _module_paths(module: str) -> list[str]:
+    """The module as named, and the file it really is (a symlink to pam_python.so under another name)."""
+    candidates = [module] if os.path.isabs(module) else [os.path.join(d, module) for d in _MODULE_DIRS]
+    return [module] + [os.path.realpath(c) for c in candidates if os.path.exists(c)]
+
+
 def check_service(service: str, pam_dir: str = PAM_DIR) -> None:
     """Refuse a first-factor PAM service whose stack loads pam_python (or whose file is missing)."""
     for module in _stack_modules(service, pam_dir):
-        if "pam_python" in os.path.basename(module):
+        if any("pam_python" in os.path.basename(path) for path in _module_paths(module)):
             raise ConfigError(
                 f"radius.first_factor: PAM service {service} loads {module}; a stack with pam_python would crash "
                 "mfa-radiusd (two Python interpreters in one process). Use a stack with pam_unix, pam_sss or pam_ldap"

@@ -443,9 +443,22 @@ class RadiusServer:
             remote_host=safe_display(calling) if calling is not None else None,
         )
 
+    def _reply_would_fit(self, req: p.Request, client: Client) -> bool:
+        """Whether the largest reply this request can get (an Accept with the client's reply attributes,
+        or a Challenge with its prompt and State) fits in a RADIUS packet, with the request's Proxy-States."""
+        proxy = sum(len(v) + 2 for t, v in req.attrs if t == p.PROXY_STATE)
+        accept = sum(len(v) + 2 for _, v in client.reply_attrs)
+        others = max(len(PUBLIC_FAILURE_MESSAGE), len(CHALLENGE_PROMPT), len(CHAP_MESSAGE), len(EAP_MESSAGE)) + 2
+        challenge = others + STATE_BYTES + 2
+        return 20 + 18 + proxy + max(accept, challenge, others) <= p.MAX_PACKET
+
     async def _decide(self, req: p.Request, client: Client) -> Reply:
         conf = client.conf
         reject = (p.ACCESS_REJECT, [(p.REPLY_MESSAGE, PUBLIC_FAILURE_MESSAGE.encode())])
+        if not self._reply_would_fit(req, client):
+            # Decided before any code is checked: a reply that cannot be sent must not spend a code.
+            log.info("dropped a request from %s: its Proxy-States leave no room for a reply", conf.name)
+            return None
         names = req.get(p.USER_NAME)
         passwords = req.get(p.USER_PASSWORD)
         if req.get(p.CHAP_PASSWORD) or any(v == p.MICROSOFT and t in p.MS_CHAP_ATTRIBUTES for v, t, _ in req.vsas):

@@ -226,3 +226,33 @@ def test_yubikey_log_lines_without_codes_are_refused() -> None:
         csvfile.parse(b"Static Password,12/03/26 10:00,1,,d5a3d50327dc,0e8e37b0e38b314a56748c030f58d21d,,,0,0,0,0\n")
     with pytest.raises(InvalidInput, match="line 1: no public id"):
         csvfile.parse(b"OATH-HOTP,12/03/26 10:02,2,,,3132333435363738393031323334353637383930,,,0,0,0,6\n")
+
+
+def test_a_token_handed_out_again_keeps_its_used_codes_used(mfa_env: MfaEnv) -> None:
+    """Unassign and assign (or a device removed by hand) must not reset the replay state."""
+    store = mfa_env.open(mfa_env.initialise())
+    inventory = Inventory(store)
+    totp_seed = os.urandom(20)
+    lines = f"H-1,{RFC_SECRET.hex()},hotp,6,0\nT-1,{totp_seed.hex()},totp,6,30\n"
+    inventory.import_tokens(csvfile.parse(lines.encode()), "csv:test", CTX)
+    verifier = mfa_env.verifier(store)
+    now = mfa_env.clock()
+    inventory.assign("H-1", "alice", CTX)
+    inventory.assign("T-1", "alice", CTX)
+    assert verifier.verify("alice", hotp.code_at(RFC_SECRET, 6, "sha1", 3), CTX).accepted
+    totp_code = totp.code_at(totp_seed, 6, "sha1", 30, now)
+    assert verifier.verify("alice", totp_code, CTX).accepted
+    inventory.unassign("H-1", CTX)
+    inventory.unassign("T-1", CTX)
+    inventory.assign("H-1", "bob", CTX)
+    inventory.assign("T-1", "bob", CTX)
+    assert verifier.verify("bob", hotp.code_at(RFC_SECRET, 6, "sha1", 2), CTX).result is Result.REPLAY
+    assert verifier.verify("bob", hotp.code_at(RFC_SECRET, 6, "sha1", 3), CTX).result is Result.REPLAY
+    assert verifier.verify("bob", totp_code, CTX).result is Result.REPLAY
+    assert verifier.verify("bob", hotp.code_at(RFC_SECRET, 6, "sha1", 4), CTX).accepted
+    # The same when the device is removed by hand first.
+    device = next(d for d in DeviceManager(store).list_devices("bob") if d.kind == "hotp")
+    DeviceManager(store).remove("bob", device.id, CTX)
+    inventory.unassign("H-1", CTX)
+    inventory.assign("H-1", "carol", CTX)
+    assert verifier.verify("carol", hotp.code_at(RFC_SECRET, 6, "sha1", 4), CTX).result is Result.REPLAY
