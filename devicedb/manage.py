@@ -260,7 +260,7 @@ class DeviceManager:
                 drift = None if step is None else step - int(tx.now // (device.period or 30))
                 if step is None or drift is None or not tx.set_clock(device, step, drift):
                     raise InvalidInput(
-                        f"the two codes are not consecutive codes of device {device_id} within a day of now; "
+                        f"the two codes are not consecutive codes of device {device_id} within an hour of now; "
                         "give two codes the token shows one after the other"
                     )
                 tx.audit(
@@ -293,7 +293,7 @@ class DeviceManager:
         return found + 1
 
     def migrate_google_authenticator(
-        self, raw_user: str, ga: GoogleAuthenticatorFile, context: Context
+        self, raw_user: str, ga: GoogleAuthenticatorFile, context: Context, *, replace_backup_codes: bool = False
     ) -> tuple[Device, list[str]]:
         """One ~/.google_authenticator file: its secret becomes a device and its scratch codes backup
         codes, in one transaction. Returns the device and how each option maps, for the operator."""
@@ -312,7 +312,7 @@ class DeviceManager:
                     f" step(s) either side applies to everybody"
                 )
             else:
-                mapping.append(f"WINDOW_SIZE {ga.window} -> HOTP look-ahead {ga.window}")
+                mapping.append(f"WINDOW_SIZE {ga.window} -> HOTP look-ahead {min(ga.window, hotp.MAX_LOOK_AHEAD)}")
         mapping.append(
             "DISALLOW_REUSE -> always on in mfaguard"
             if ga.disallow_reuse
@@ -333,7 +333,7 @@ class DeviceManager:
         digests = [backup_codes.digest(code, salt) for code in ga.scratch_codes]
         params: dict[str, object] = {"migrated": "google-authenticator", **({"weak": True} if ga.weak else {})}
         if ga.kind == "hotp":
-            look_ahead = min(max(ga.window or hotp.DEFAULT_LOOK_AHEAD, 1), hotp.MAX_LOOK_AHEAD)
+            look_ahead = min(ga.window or hotp.DEFAULT_LOOK_AHEAD, hotp.MAX_LOOK_AHEAD)
             params |= {"look_ahead": look_ahead, "resync_window": max(look_ahead, hotp.DEFAULT_RESYNC_WINDOW)}
         with self.store.transaction() as tx:
             device_id = tx.insert_device(
@@ -358,16 +358,28 @@ class DeviceManager:
                 reason="migrated from google-authenticator",
                 detail={"kind": ga.kind, "weak": ga.weak},
             )
-            if digests:
-                tx.replace_backup_codes(user, salt, digests, code_digits=backup_codes.LEGACY_DIGITS)
+            existing = tx.backup_codes_left(user)
+            if digests and existing and not replace_backup_codes:
+                mapping.append(
+                    f"{len(digests)} scratch code(s) NOT imported: {user} already has {existing} unused backup "
+                    "codes, which are kept (--replace-backup-codes imports the scratch codes instead)"
+                )
+            elif digests:
+                voided = tx.replace_backup_codes(user, salt, digests, code_digits=backup_codes.LEGACY_DIGITS)
                 tx.audit(
                     "backup_codes_generated",
                     user,
                     context,
                     reason="scratch codes migrated",
-                    detail={"count": len(digests)},
+                    detail={"count": len(digests), "voided_unused": voided},
                 )
-                mapping.append(f"{len(digests)} scratch code(s) -> backup codes (8 digits, each works once)")
+                mapping.append(
+                    f"{len(digests)} scratch code(s) -> backup codes (8 digits, each works once)"
+                    + (f"; {voided} older unused backup codes voided" if voided else "")
+                )
+            if ga.used_steps and ga.kind == "totp":
+                tx.restore_replay_state(device_id, last_step=max(ga.used_steps), drift=0)
+                mapping.append("the steps DISALLOW_REUSE lists as used stay used")
             device = tx.device(user, device_id)
         return device, mapping
 

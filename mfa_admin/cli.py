@@ -598,9 +598,16 @@ class App:
     def _migrate_one(self, user: str, path: str) -> list[str]:
         from devicedb.importers import google_authenticator
 
-        data = read_user_file(path)
+        owner: int | None
+        try:
+            owner = pwd.getpwnam(user).pw_uid
+        except KeyError:
+            owner = None  # an account outside the passwd database (RADIUS): only root's files then
+        data = read_user_file(path, owner=owner)
         ga = google_authenticator.parse(data, path)
-        device, mapping = DeviceManager(self.store).migrate_google_authenticator(user, ga, admin_context())
+        device, mapping = DeviceManager(self.store).migrate_google_authenticator(
+            user, ga, admin_context(), replace_backup_codes=self.args.replace_backup_codes
+        )
         return [f"device {device.id} ({device.kind}) for {device.user}", *mapping]
 
     def cmd_migrate_google_authenticator(self) -> int:
@@ -799,8 +806,10 @@ def read_seed(path: str | None, prompt: str = "Token seed (hex or base32): ") ->
         raise CliError("the seed is neither hex nor base32", EXIT_REFUSED) from None
 
 
-def read_user_file(path: str, limit: int = 4096) -> bytes:
-    """Read a file in a user's home as root: no symlinks, regular files only, small."""
+def read_user_file(path: str, limit: int = 4096, owner: int | None = None) -> bytes:
+    """Read a file in a user's home as root: no symlinks, regular files only, small, owned by the
+    account (or root) and private, as pam_google_authenticator itself requires: a secret somebody
+    else wrote, or could read, must not become this account's device."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -811,6 +820,14 @@ def read_user_file(path: str, limit: int = 4096) -> bytes:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise CliError(f"{path} is not a regular file", EXIT_REFUSED)
+        if st.st_uid not in {0, owner}:
+            raise CliError(f"{path} is owned by uid {st.st_uid}, not by the account or root: refused", EXIT_REFUSED)
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise CliError(
+                f"{path} has mode {oct(st.st_mode & 0o777)}: others could read or change its secret, so it is "
+                "refused; enroll a new device instead",
+                EXIT_REFUSED,
+            )
         if st.st_size > limit:
             raise CliError(f"{path} is larger than {limit} bytes; not a google-authenticator file", EXIT_REFUSED)
         return os.read(fd, limit + 1)
@@ -841,6 +858,7 @@ def _count(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mfa-admin",
+        allow_abbrev=False,
         description="Enroll and manage mfaguard second factors, and read the audit log.",
         epilog=EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -858,6 +876,7 @@ def build_parser() -> argparse.ArgumentParser:
     ) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = parent.add_parser(
             name,
+            allow_abbrev=False,
             help=help_text,
             description=help_text,
             epilog=EXIT_CODES_HELP,
@@ -1044,6 +1063,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("user", metavar="USER", nargs="?")
     p.add_argument("file", metavar="FILE", nargs="?", help="default: ~USER/.google_authenticator")
     p.add_argument("--all", action="store_true", help="every home directory in the passwd database, reported per user")
+    p.add_argument(
+        "--replace-backup-codes",
+        action="store_true",
+        help="import the scratch codes even where the user has unused backup codes (those are voided)",
+    )
 
     pam = group("pam", "add mfaguard to a PAM stack, or take it out")
     pam_sub = pam.add_subparsers(dest="action", metavar="ACTION", required=True)

@@ -27,13 +27,14 @@ class Finding:
 def _split(line: str) -> tuple[str, str, list[str]]:
     """(type, control, rest) of a PAM line; a bracketed control stays one word."""
     kind, _, rest = line.partition(" ")
+    kind = kind.lower()  # Linux-PAM reads types and controls without regard to case
     rest = rest.strip()
     if rest.startswith("["):
         close = rest.find("]")
         control, rest = (rest, "") if close < 0 else (rest[: close + 1], rest[close + 1 :])
     else:
         control, _, rest = rest.partition(" ")
-    return kind.lstrip("-"), control, rest.split()
+    return kind.lstrip("-"), control.lower(), rest.split()
 
 
 def _expand(path: Path, pam_dir: Path, depth: int = 0) -> list[tuple[str, str]]:
@@ -41,12 +42,12 @@ def _expand(path: Path, pam_dir: Path, depth: int = 0) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     if depth > 8 or not path.is_file():
         return out
-    for raw in path.read_text(errors="replace").splitlines():
+    for raw in path.read_text(errors="replace").replace("\\\n", " ").splitlines():
         line = " ".join(raw.split("#", 1)[0].split())
         if not line:
             continue
         words = line.split()
-        if words[0] == "@include" and len(words) > 1:
+        if words[0].lower() == "@include" and len(words) > 1:
             out += _expand(pam_dir / words[1], pam_dir, depth + 1)
             continue
         kind, control, rest = _split(line)

@@ -14,8 +14,10 @@ Whatever goes wrong here, the answer is a failure, never PAM_SUCCESS or PAM_IGNO
 """
 
 import contextlib
+import importlib.machinery
 import os
 import site
+import stat
 import sys
 import time
 import traceback
@@ -49,8 +51,6 @@ def _log_failure(argv, what):
 
 def code_tree_problems(entry, venv):
     """Why the code this module runs as root could be changed by someone else, or []."""
-    import stat
-
     source = os.path.dirname(os.path.dirname(os.path.abspath(entry)))
     lib = os.path.join(venv, "lib", f"python{sys.version_info[0]}.{sys.version_info[1]}", "site-packages")
     paths = [source, venv, lib]
@@ -73,6 +73,52 @@ def code_tree_problems(entry, venv):
     return problems
 
 
+def _unsafe(path):
+    """Why others could change this file or folder, or None."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return f"{path}: {exc.strerror}"
+    if st.st_uid != 0:
+        return f"{path} is owned by uid {st.st_uid}, not root"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"{path} is writable by group or others"
+    return None
+
+
+class TrustedImports:
+    """A meta-path finder in front of the normal one: every module loaded from mfaguard's tree or
+    its venv (source, compiled .pyc, extension) must be root's alone, and so must each folder
+    between it and that root. Anything else is refused before it runs as root."""
+
+    def __init__(self, roots):
+        self.roots = [os.path.abspath(r) for r in roots]
+        self.checked = set()
+
+    def _check(self, path):
+        path = os.path.abspath(path)
+        root = next((r for r in self.roots if path == r or path.startswith(r + os.sep)), None)
+        if root is None:
+            return
+        while path not in self.checked:
+            problem = _unsafe(path)
+            if problem:
+                raise ImportError(f"refusing to import code that others can change: {problem}")
+            self.checked.add(path)
+            if path == root:
+                break
+            path = os.path.dirname(path)
+
+    def find_spec(self, name, path=None, target=None):
+        spec = importlib.machinery.PathFinder.find_spec(name, path, target)
+        if spec is None:
+            return None
+        for location in (spec.origin, spec.cached, *(spec.submodule_search_locations or ())):
+            if location and os.path.exists(location):
+                self._check(location)
+        return spec
+
+
 def _load(argv):
     global _adapter
     if _adapter is None:
@@ -90,6 +136,7 @@ def _load(argv):
         if problems:
             raise RuntimeError("refusing to run mfaguard code that others can change: " + "; ".join(problems))
         sys.path[:] = [source, lib] + [p for p in sys.path if p not in (source, lib)]
+        sys.meta_path.insert(0, TrustedImports([source, lib, venv]))
         try:
             from pam_module import adapter
         except ImportError:

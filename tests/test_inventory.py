@@ -256,3 +256,22 @@ def test_a_token_handed_out_again_keeps_its_used_codes_used(mfa_env: MfaEnv) -> 
     inventory.unassign("H-1", CTX)
     inventory.assign("H-1", "carol", CTX)
     assert verifier.verify("carol", hotp.code_at(RFC_SECRET, 6, "sha1", 4), CTX).result is Result.REPLAY
+
+
+def test_hostile_seed_files_are_refused() -> None:
+    plain = read("rfc6030-plain.pskc")
+    utf16 = plain.decode().replace('encoding="UTF-8"', 'encoding="UTF-16"').encode("utf-16")
+    with pytest.raises(InvalidInput, match="not UTF-8"):
+        pskc.parse(utf16)
+    with pytest.raises(InvalidInput, match="document type"):
+        pskc.parse(plain.replace(b"<KeyContainer", b"<!doctype x><KeyContainer", 1))
+    preshared = read("rfc6030-preshared.pskc").decode()
+    start = preshared.index("<xenc:EncryptionMethod", preshared.index("<MACKey>"))
+    end = preshared.index("</MACKey>")
+    plain_mac = preshared[:start] + "<PlainValue>AAECAwQFBgcICQoLDA0ODxAREhM=</PlainValue>\n" + preshared[end:]
+    with pytest.raises(InvalidInput, match="MACKey is not encrypted"):
+        pskc.parse(plain_mac.encode(), key=PRESHARED)
+    with pytest.raises(InvalidInput, match="line 1: period-or-counter '1_000'"):
+        csvfile.parse(b"SN1,3132333435363738393031323334353637383930,hotp,6,1_000\n")
+    with pytest.raises(InvalidInput, match="all zero bytes"):
+        csvfile.parse(b"SN1," + b"00" * 20 + b",hotp,6,0\n")

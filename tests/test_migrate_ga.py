@@ -102,3 +102,48 @@ def test_report_and_doctor_name_weak_secrets(config: Path, tmp_path: Path) -> No
 @pytest.fixture
 def config(tmp_path: Path) -> Path:
     return make_config(tmp_path)
+
+
+def test_a_file_written_or_readable_by_others_is_refused(config: Path, tmp_path: Path) -> None:
+    path = ga_file(tmp_path / "ga", "TOTP_AUTH")
+    os.chmod(path, 0o644)
+    rc, _, err = cli(config, "migrate", "google-authenticator", "alice", str(path))
+    assert rc == 5 and "others could read or change" in err
+    os.chmod(path, 0o400)
+    os.chown(path, 65534, 65534)  # somebody else's file in this account's home
+    rc, _, err = cli(config, "migrate", "google-authenticator", "root", str(path))
+    assert rc == 5 and "not by the account or root" in err
+    rc, out, _ = cli(config, "devices", "list", "--json")
+    assert json.loads(out) == []
+
+
+def test_existing_backup_codes_are_kept_unless_asked(config: Path, tmp_path: Path) -> None:
+    assert cli(config, "backup-codes", "generate", "alice")[0] == 0
+    path = ga_file(tmp_path / "ga", "TOTP_AUTH")
+    rc, out, _ = cli(config, "migrate", "google-authenticator", "alice", str(path))
+    assert rc == 0 and "NOT imported" in out
+    rc, out, _ = cli(config, "status", "alice", "--json")
+    assert json.loads(out)["backup_codes_left"] == 10
+    path2 = ga_file(tmp_path / "ga2", "TOTP_AUTH", secret=bytes(range(30, 50)))
+    rc, out, _ = cli(config, "migrate", "google-authenticator", "alice", str(path2), "--replace-backup-codes")
+    assert rc == 0 and "10 older unused backup codes voided" in out
+    rc, out, _ = cli(config, "status", "alice", "--json")
+    assert json.loads(out)["backup_codes_left"] == len(SCRATCH)
+
+
+def test_used_steps_stay_used_and_bad_values_are_refused(config: Path, tmp_path: Path) -> None:
+    import time
+
+    step = int(time.time() // 30)
+    path = ga_file(tmp_path / "ga", f"DISALLOW_REUSE {step - 1} {step}", "TOTP_AUTH", scratch=[])
+    rc, out, err = cli(config, "migrate", "google-authenticator", "alice", str(path))
+    assert rc == 0, err
+    assert "stay used" in out
+    code_now = totp.code_at(SECRET_80, 6, "sha1", 30, step * 30)
+    assert cli(config, "verify", "alice", code_now)[0] == 1  # google-authenticator already used it
+    for option in ("HOTP_COUNTER 99999999999999999999999", "WINDOW_SIZE 0"):
+        bad = ga_file(tmp_path / f"bad{len(option)}", option, secret=bytes(range(60, 80)))
+        rc, _, err = cli(config, "migrate", "google-authenticator", "bob", str(bad))
+        assert rc == 5, (option, err)
+    zero = ga_file(tmp_path / "zero", "TOTP_AUTH", secret=bytes(10))
+    assert cli(config, "migrate", "google-authenticator", "carol", str(zero))[0] == 5

@@ -73,3 +73,15 @@ def test_vendor_seed_of_80_bits_is_kept_and_flagged(mfa_env: MfaEnv) -> None:
     assert verifier.verify("alice", totp.code_at(SEED[:10], 6, "sha1", 30, now), CTX).accepted
     with pytest.raises(InvalidInput):
         DeviceManager(store).enroll_totp("bob", CTX, secret=SEED[:10], pending=False)  # an app needs 128 bits
+
+
+def test_admin_resync_reaches_an_hour_only(mfa_env: MfaEnv) -> None:
+    """A resync moves the replay state forward for good: a pair of codes from far ahead is refused."""
+    store = mfa_env.open(mfa_env.initialise(SETTINGS))
+    manager = DeviceManager(store)
+    device = manager.enroll_totp("alice", CTX, secret=SEED, pending=False, hardware=True).device
+    now = mfa_env.clock()
+    far = 2880  # a day of 30-second steps ahead
+    with pytest.raises(InvalidInput, match="within an hour"):
+        manager.resync("alice", device.id, token_code(now, far), token_code(now, far + 1), CTX)
+    assert store.list_devices("alice")[0].last_step is None

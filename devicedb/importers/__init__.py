@@ -44,12 +44,22 @@ class TokenRecord:
                 raise InvalidInput(f"{where}: algorithm {self.algorithm!r}; allowed: sha1, sha256, sha512")
             if len(self.secret) < 10:
                 raise InvalidInput(f"{where}: the seed is {len(self.secret) * 8} bits; at least 80 are needed")
+        if not any(self.secret[:16]):
+            raise InvalidInput(f"{where}: the seed or key is all zero bytes: a broken export, not a secret")
         if self.kind == "yubico" and len(self.secret) != 22:
             raise InvalidInput(f"{where}: a Yubico OTP secret is a 16-byte AES key and a 6-byte private id")
         if self.kind == "totp" and self.period not in (30, 60):
             raise InvalidInput(f"{where}: period {self.period}; allowed: 30 or 60")
         if self.kind == "hotp" and (self.counter is None or not 0 <= self.counter < 2**63):
             raise InvalidInput(f"{where}: counter {self.counter!r} is not a whole number from 0")
+
+
+def parse_count(text: str, where: str, name: str) -> int:
+    """A whole number written as plain ASCII digits (no sign, no underscores)."""
+    value = text.strip()
+    if not value.isascii() or not value.isdigit():
+        raise InvalidInput(f"{where}: {name} {text!r} is not a whole number")
+    return int(value)
 
 
 def parse_seed(text: str, where: str) -> bytes:

@@ -17,7 +17,7 @@ import csv
 import io
 
 from devicedb.errors import InvalidInput
-from devicedb.importers import TokenRecord, parse_seed
+from devicedb.importers import TokenRecord, parse_count, parse_seed
 
 _YUBICO_TYPES = ("Yubico OTP", "OATH-HOTP", "Static Password", "Challenge-Response")
 
@@ -78,10 +78,8 @@ def parse(data: bytes) -> list[TokenRecord]:
             raise InvalidInput(f"{where}: {len(cells)} fields; expected serial,seed,type,digits,period-or-counter")
         serial, seed, kind, digits_text, last = cells
         kind = kind.lower()
-        try:
-            digits, last_value = int(digits_text), int(last)
-        except ValueError:
-            raise InvalidInput(f"{where}: digits and period-or-counter must be whole numbers") from None
+        digits = parse_count(digits_text, where, "digits")
+        last_value = parse_count(last, where, "period-or-counter")
         record = TokenRecord(
             serial=serial,
             kind=kind,

@@ -29,6 +29,8 @@ class GoogleAuthenticatorFile:
     rate_limit: tuple[int, int] | None
     scratch_codes: tuple[str, ...] = field(repr=False)
     unknown_options: tuple[str, ...]
+    # The TOTP steps DISALLOW_REUSE lists as used: they stay used after the migration.
+    used_steps: tuple[int, ...] = ()
 
     @property
     def weak(self) -> bool:
@@ -53,6 +55,7 @@ def parse(data: bytes, where: str) -> GoogleAuthenticatorFile:
         raise InvalidInput(f"{where}: the secret is {len(secret) * 8} bits; at least 80 are needed")
     kind, counter, step, window = "totp", None, 30, None
     disallow, rate, scratch, unknown = False, None, [], []
+    used: list[int] = []
     for number, raw in enumerate(lines[1:], start=2):
         line = raw.strip()
         if not line:
@@ -70,7 +73,8 @@ def parse(data: bytes, where: str) -> GoogleAuthenticatorFile:
                 elif name == "WINDOW_SIZE":
                     window = int(args[0])
                 elif name == "DISALLOW_REUSE":
-                    disallow = True  # its list of used steps may follow; mfaguard keeps its own
+                    disallow = True
+                    used += [int(a) for a in args if a.isascii() and a.isdigit()]
                 elif name == "RATE_LIMIT":
                     rate = (int(args[0]), int(args[1]))
                 else:
@@ -82,5 +86,15 @@ def parse(data: bytes, where: str) -> GoogleAuthenticatorFile:
         else:
             raise InvalidInput(f"{where}: line {number} is neither an option nor an 8-digit scratch code")
     if kind == "hotp" and (counter is None or counter < 0):
-        raise InvalidInput(f"{where}: HOTP_COUNTER must be a whole number from 0")
-    return GoogleAuthenticatorFile(secret, kind, counter, step, window, disallow, rate, tuple(scratch), tuple(unknown))
+        raise InvalidInput(f"{where}: HOTP_COUNTER must be a whole number from 0 to 2^63-1")
+    if kind == "hotp" and counter is not None and counter >= 2**63:
+        raise InvalidInput(f"{where}: HOTP_COUNTER must be a whole number from 0 to 2^63-1")
+    if window is not None and not 1 <= window <= 10_000:
+        raise InvalidInput(f"{where}: WINDOW_SIZE {window} is out of range (1 to 10000)")
+    if any(not 0 <= s < 2**63 for s in used):
+        raise InvalidInput(f"{where}: DISALLOW_REUSE lists a step out of range")
+    if not any(secret):
+        raise InvalidInput(f"{where}: the secret is all zero bytes; that is no secret")
+    return GoogleAuthenticatorFile(
+        secret, kind, counter, step, window, disallow, rate, tuple(scratch), tuple(unknown), tuple(used)
+    )

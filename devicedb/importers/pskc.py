@@ -16,7 +16,7 @@ import xml.etree.ElementTree as ET  # noqa: S405 - DOCTYPE is refused before par
 from collections.abc import Iterator
 
 from devicedb.errors import InvalidInput
-from devicedb.importers import TokenRecord
+from devicedb.importers import TokenRecord, parse_count
 
 _ALGORITHMS = {
     "urn:ietf:params:xml:ns:keyprov:pskc:hotp": "hotp",
@@ -81,12 +81,7 @@ def _decrypt(key: bytes, blob: bytes, where: str) -> bytes:
 
 def _number(data: ET.Element | None, name: str, default: int, where: str) -> int:
     text = _text(_find(data, name, "PlainValue"))
-    if text is None:
-        return default
-    try:
-        return int(text)
-    except ValueError:
-        raise InvalidInput(f"{where}: {name} is not a number") from None
+    return default if text is None else parse_count(text, where, name)
 
 
 class _Keys:
@@ -126,6 +121,9 @@ class _Keys:
             mac_key = _find(mac_method, "MACKey")
             if mac_key is None:
                 raise InvalidInput("MACMethod has no MACKey")
+            if _find(mac_key, "CipherData") is None:
+                # Anybody who edits the file could recompute a MAC under a key written in the clear.
+                raise InvalidInput("MACMethod's MACKey is not encrypted, so the MAC proves nothing; refused")
             self.mac_key = self.value(mac_key, "MACKey")
 
     def value(self, holder: ET.Element, where: str) -> bytes:
@@ -145,7 +143,12 @@ class _Keys:
 def parse(data: bytes, *, key: bytes | None = None, password: str | None = None) -> list[TokenRecord]:
     if len(data) > MAX_BYTES:
         raise InvalidInput(f"the file is larger than {MAX_BYTES} bytes")
-    if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
+    try:
+        data.decode("utf-8", errors="strict")
+    except UnicodeDecodeError:
+        # Only UTF-8 is accepted, so that the document-type check below sees the text as it is.
+        raise InvalidInput("the file is not UTF-8; PSKC files from token vendors are") from None
+    if b"<!DOCTYPE" in data.upper() or b"<!ENTITY" in data.upper():
         raise InvalidInput("the file has a document type declaration; PSKC files have none")
     try:
         root = ET.fromstring(data)  # noqa: S314 - no DTD, so no entities

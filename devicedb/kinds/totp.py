@@ -103,12 +103,14 @@ def match(device: Device, secret: bytes, code: str, now: float, window: int) -> 
     return Match(advance=Advance("last_step", step, extra), replay=replay, offset=step - current)
 
 
-# How far an administrator's `devices resync` looks for a hardware token's clock: ±1 day of steps.
-ADMIN_RESYNC_SECONDS = 86400
+# How far an administrator's `devices resync` looks for a hardware token's clock: ±1 hour. A resync
+# moves the replay state forward for good, so a wider reach would let one mistaken (or hostile) pair
+# of codes from far ahead leave the token dead against its real clock for that long.
+ADMIN_RESYNC_SECONDS = 3600
 
 
 def find_consecutive(device: Device, secret: bytes, first: str, second: str, now: float) -> int | None:
-    """The step of ``second`` when it directly follows ``first`` within ±1 day of now (admin resync)."""
+    """The step of ``second`` when it directly follows ``first`` within ±1 hour of now (admin resync)."""
     digits = device.digits or 6
     period = device.period or 30
     algorithm = device.algorithm or "sha1"

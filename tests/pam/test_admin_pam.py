@@ -235,3 +235,18 @@ def test_doctor_checks_sudo_i_and_su(mfa: Mfa, pam_copy: Path) -> None:
     for service in ("sudo-i", "su", "su-l"):  # su-l includes su
         levels = {f["level"] for f in findings if f["topic"] == f"PAM {service}"}
         assert levels == {"ok"}, (service, [f for f in findings if f["topic"] == f"PAM {service}"])
+
+
+def test_doctor_reads_controls_as_linux_pam_does(mfa: Mfa, pam_copy: Path) -> None:
+    """Upper-case types and controls, and backslash-continued lines, are what Linux-PAM honours too."""
+    mfa.enroll("root")
+    assert admin(mfa, "pam", "install", "--service", "sudo", "--pam-dir", str(pam_copy)).returncode == 0
+    installed = (pam_copy / "sudo").read_text()
+    for extra in (
+        "AUTH SUFFICIENT pam_permit.so\n",
+        "auth Sufficient pam_permit.so\n",
+        "auth \\\n  sufficient pam_permit.so\n",
+    ):
+        (pam_copy / "sudo").write_text(installed.replace("@include common-auth", extra + "@include common-auth", 1))
+        sudo = [f for f in doctor(mfa, pam_copy) if f["topic"] == "PAM sudo"]
+        assert any(f["level"] == "fail" and "sufficient" in f["text"].lower() for f in sudo), (extra, sudo)

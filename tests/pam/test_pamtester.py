@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -273,3 +274,39 @@ def test_code_that_others_can_change_is_refused(mfa: Mfa, tmp_path: Path, pam_se
     os.chmod(tree / "devicedb" / "verifier.py", 0o666)  # noqa: S103 - the unsafe mode under test
     assert pamtester(service, "root", [totp_code(secret, 1)]).rc != 0
     assert "writable by group or others" in mfa.log.read_text()
+
+
+def test_imported_dependency_or_bytecode_that_others_can_change_is_refused(
+    mfa: Mfa, tmp_path: Path, pam_service: Callable[..., str]
+) -> None:
+    """Not only mfaguard's own files: every module loaded from its tree or venv, .pyc files included."""
+    import shutil
+
+    from pam_helpers import ENTRY_FILE
+
+    tree = tmp_path / "tree"
+    for package in ("pam_module", "devicedb"):
+        shutil.copytree(ENTRY_FILE.parents[1] / package, tree / package)
+    venv = tmp_path / "venv"
+    lib = Path(sys.prefix) / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+    copied = venv / "lib" / lib.parent.name / "site-packages"
+    shutil.copytree(lib, copied, symlinks=True, ignore=shutil.ignore_patterns("__editable__*"))
+    for folder in (tree, venv):
+        os.chmod(folder, 0o755)  # noqa: S103 - root-owned, not writable by others
+    secret = mfa.enroll("root")
+    line = (
+        mfa.pam_line("auth", options="tries=1")
+        .replace(str(ENTRY_FILE), str(tree / "pam_module/pam_mfaguard.py"))
+        .replace(f"venv={sys.prefix}", f"venv={venv}")
+    )
+    service = pam_service([line, "auth required pam_permit.so"])
+    wait_for_fresh_step()
+    assert pamtester(service, "root", [totp_code(secret)]).rc == 0, mfa.log.read_text()[-2000:]
+    target = copied / "pyotp" / "otp.py"
+    os.chmod(target, 0o666)  # noqa: S103 - the unsafe mode under test
+    assert pamtester(service, "root", [totp_code(secret, 1)]).rc != 0
+    assert "refusing to import code that others can change" in mfa.log.read_text()
+    os.chmod(target, 0o644)
+    pyc = next((tree / "devicedb" / "__pycache__").glob("verifier.*.pyc"))
+    os.chmod(pyc, 0o666)  # noqa: S103 - a planted .pyc would run as root
+    assert pamtester(service, "root", [totp_code(secret, 1)]).rc != 0
