@@ -196,3 +196,33 @@ def test_ipv6_listen_and_client(renv: RadiusEnv) -> None:
         reply, _ = s.recvfrom(4096)
     assert check_reply(reply, packet) == p.ACCESS_ACCEPT
     assert daemon.stop() == 0
+
+
+def test_first_factor_stack_that_includes_a_missing_file_is_refused(renv: RadiusEnv) -> None:
+    """Linux-PAM fails a stack whose include is missing: every first factor would fail."""
+    need_root()
+    service = f"mfaguard-test-inc-{secrets.token_hex(3)}"
+    path = Path("/etc/pam.d") / service
+    try:
+        path.write_text(f"auth required pam_unix.so\nauth include {service}-nonexistent\n")
+        config = renv.write_config({"first_factor": service, "clients": [client("challenge")]})
+        done = run(config, "--check")
+        assert done.returncode == 3, done
+        assert "has no file" in done.stderr
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def test_first_factor_module_linked_to_pam_python_is_refused(renv: RadiusEnv, tmp_path: Path) -> None:
+    need_root()
+    disguise = tmp_path / "pam_innocent.so"
+    disguise.symlink_to("/lib/security/pam_python.so")
+    service = f"mfaguard-test-lnk-{secrets.token_hex(3)}"
+    path = Path("/etc/pam.d") / service
+    try:
+        path.write_text(f"auth required {disguise} /nonexistent.py\n")
+        config = renv.write_config({"first_factor": service, "clients": [client("challenge")]})
+        done = run(config, "--check")
+        assert done.returncode == 3 and "pam_python" in done.stderr, done
+    finally:
+        path.unlink(missing_ok=True)

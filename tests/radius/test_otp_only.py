@@ -441,3 +441,17 @@ def test_state_in_otp_only_mode_is_rejected(renv: RadiusEnv, server: Daemon, udp
     assert check_reply(c.ask(packet), packet) == p.ACCESS_REJECT
     good, _ = access_request(u.user, u.code())
     assert check_reply(c.ask(good), good) == p.ACCESS_ACCEPT
+
+
+def test_request_whose_reply_cannot_fit_is_dropped_without_spending_the_code(renv: RadiusEnv, udp: Any) -> None:
+    """A client whose Accept carries a long Class: with the request's Proxy-States echoed back, the
+    Accept would not fit in a packet. The request is dropped before its code is checked."""
+    long_class = renv.radiusd([client("otp-only", reply={"Class": "c" * 200})])
+    clear_of_step_boundary()
+    u = renv.enroll()
+    stuffing = [(p.PROXY_STATE, bytes([i]) * 253) for i in range(15)] + [(p.PROXY_STATE, b"x" * 73)]
+    packet, _ = access_request(u.user, u.code(), extra=stuffing)
+    assert len(packet) <= 4096
+    assert udp(long_class.port).ask(packet, timeout=1.5) is None
+    packet, _ = access_request(u.user, u.code())
+    assert check_reply(udp(long_class.port).ask(packet), packet) == p.ACCESS_ACCEPT  # the code was not spent
