@@ -539,15 +539,32 @@ class RadiusServer:
                 decision: Decision = await self.db.submit("verify", user_name, typed[-length:], context)
                 return self._reply_for(decision)
         if not lengths:
-            # No usable device: the core decides and audits (no device, refused name, error).
+            # No usable device: the core decides and audits (no device, refused name, error). The first
+            # factor still runs, so that the time to answer does not tell who has a device.
+            await self._pam(user_name, typed[:-6] if len(typed) > 6 else typed)
             decision = await self.db.submit("verify", user_name, "", context)
             return self._reply_for(decision)
+        await self._audit_first_factor_failure(user_name, context)
         log.info("rejected a request from %s: first factor failed", client.conf.name)
         return reject
+
+    async def _audit_first_factor_failure(self, user_name: bytes, context: Context) -> None:
+        """A wrong password is an authentication event too: it goes to the audit log (never the password),
+        before the Reject is sent. It counts on no lockout counter: the first factor has its own."""
+        try:
+            user: str | None = canonical_user(user_name, self.settings.usernames)
+        except Exception:
+            user = None
+        detail = None if user is not None else {"name": safe_display(user_name)}
+        try:
+            await self.db.submit("audit", "auth", user, context, "first factor failed", detail)
+        except Exception as exc:
+            log.error("could not write an audit row: %s", exc)
 
     async def _first_step(self, user_name: bytes, password: str, client: Client, context: Context) -> Reply:
         reject = (p.ACCESS_REJECT, [(p.REPLY_MESSAGE, PUBLIC_FAILURE_MESSAGE.encode())])
         if not await self._pam(user_name, password):
+            await self._audit_first_factor_failure(user_name, context)
             log.info("rejected a request from %s: first factor failed", client.conf.name)
             return reject
         if await self._requirement(user_name, context) is not Requirement.REQUIRED:

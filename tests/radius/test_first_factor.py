@@ -24,6 +24,7 @@ from radius_helpers import (
     clear_of_step_boundary,
     client,
     need_binary,
+    need_root,
     radclient,
     reply_message,
     state_of,
@@ -87,10 +88,15 @@ def test_challenge_round_trip_with_radclient(challenge: Daemon, user: Any, pam_u
 def test_wrong_password_gets_no_challenge_and_consumes_no_code(
     challenge: Daemon, user: Any, udp: Any, renv: RadiusEnv
 ) -> None:
-    before = len(renv.audit(user.user))
+    before = renv.audit(user.user)
     code, reply = ask(udp, challenge.port, user.user, "not-the-password")
     assert code == p.ACCESS_REJECT and reply_message(reply) == "Verification failed."
-    assert len(renv.audit(user.user)) == before  # the core was never asked: no code tried, nothing counted
+    after = renv.audit(user.user)
+    # One audit row says so (never the password); no code was tried and no counter moved.
+    assert [r["reason"] for r in after[len(before) :]] == ["first factor failed"]
+    assert "not-the-password" not in repr(after)
+    with renv.store() as store:
+        assert store.lock_state(user.user).failures == 0
 
 
 def test_code_in_place_of_the_password_never_skips_the_first_factor(challenge: Daemon, user: Any, udp: Any) -> None:
@@ -260,7 +266,7 @@ def test_append_user_without_device_is_rejected(append: Daemon, pam_user: PamUse
 
 
 # ---------------------------------------------------------------------------
-# one replay ledger across front ends (mfa-admin verify stands in for the PAM module, which is not built yet)
+# one replay ledger across front ends
 
 
 def _admin_verify(renv: RadiusEnv, config: Path, user: str, code: str) -> int:
@@ -310,3 +316,19 @@ def test_one_code_ledger_shared_with_the_pam_module(
         assert ask(udp, append.port, user.user, pam_user.password + following)[0] == p.ACCESS_REJECT
     finally:
         pam_file.unlink(missing_ok=True)
+
+
+def test_append_runs_the_first_factor_even_for_a_user_without_device(renv: RadiusEnv, udp: Any, tmp_path: Any) -> None:
+    """Otherwise the time to answer (no PAM failure delay) would tell who has a device."""
+    need_root()
+    marker = tmp_path / "first-factor-ran"
+    service = f"mfaguard-test-ff-mark-{secrets.token_hex(3)}"
+    path = Path("/etc/pam.d") / service
+    try:
+        path.write_text(f"auth optional pam_exec.so quiet /usr/bin/touch {marker}\nauth required pam_unix.so\n")
+        daemon = renv.radiusd([client("append")], first_factor=service)
+        code, _ = ask(udp, daemon.port, f"ghost{secrets.token_hex(3)}", "some-password123456")
+        assert code == p.ACCESS_REJECT
+        assert marker.exists()
+    finally:
+        path.unlink(missing_ok=True)
