@@ -237,6 +237,75 @@ class DeviceManager:
             )
             return tx.device(user, device_id)
 
+    def enroll_fido(
+        self,
+        raw_user: str,
+        device: Any,
+        context: Context,
+        *,
+        label: str | None = None,
+        uv: str = "preferred",
+        resident: bool = False,
+        rp_id: str | None = None,
+    ) -> Device:
+        """Register a credential on a FIDO2 key attached to this machine (a fido2 CtapDevice), through
+        fido2's own CTAP2 client, and store its id, COSE public key, AAGUID and sign count."""
+        import secrets as random
+
+        from fido2 import cbor
+        from fido2.ctap2.base import Ctap2
+        from fido2.webauthn import AuthenticatorData
+
+        from devicedb.kinds import fido2_key
+
+        if uv not in fido2_key.UV_POLICIES:
+            raise InvalidInput(f"--uv {uv!r} is not allowed; use one of {', '.join(fido2_key.UV_POLICIES)}")
+        user = self.canonical(raw_user)
+        rp = rp_id or fido2_key.default_rp_id()
+        options = {"rk": resident, **({"uv": True} if uv == "required" else {})}
+        challenge = random.token_bytes(32)
+        response = Ctap2(device).make_credential(
+            fido2_key.client_data_hash(challenge, rp),
+            {"id": rp, "name": "mfaguard"},
+            {"id": user.encode()[:64], "name": user},
+            [{"type": "public-key", "alg": -7}],
+            options=options,
+        )
+        data = AuthenticatorData(response.auth_data)
+        credential = data.credential_data
+        if credential is None:
+            raise InvalidInput("the key returned no credential")
+        if uv == "required" and not data.is_user_verified():
+            raise InvalidInput("--uv required, but the key did not verify the user (set a PIN on it first)")
+        with self.store.transaction() as tx:
+            device_id = tx.insert_device(
+                user=user,
+                kind=fido2_key.KIND,
+                label=label or "FIDO2 key",
+                secret=None,
+                fingerprint_domain=fido2_key.FINGERPRINT_DOMAIN,
+                fingerprint_material=bytes(credential.credential_id),
+                max_devices=self.settings.max_devices,
+                sign_count=data.counter,
+                params={
+                    "credential_id": fido2_key.b64(bytes(credential.credential_id)),
+                    "public_key": fido2_key.b64(cbor.encode(dict(credential.public_key))),
+                    "aaguid": bytes(credential.aaguid).hex(),
+                    "rp_id": rp,
+                    "uv": uv,
+                    "resident": resident,
+                },
+            )
+            tx.audit(
+                "device_added",
+                user,
+                context,
+                device_id=device_id,
+                reason="active",
+                detail={"kind": fido2_key.KIND, "rp_id": rp, "uv": uv},
+            )
+            return tx.device(user, device_id)
+
     def authorized_keys(self, raw_user: str) -> list[str]:
         """The user's enabled security keys, as authorized_keys lines for sshd's AuthorizedKeysCommand."""
         from devicedb.kinds import ssh_sk

@@ -8,14 +8,19 @@ Any exception becomes ``Result.ERROR``: nothing here ever fails open.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from devicedb import backup_codes
 from devicedb.errors import InvalidUserName, MfaguardError, SealError
 from devicedb.kinds import Match, get_kind
-from devicedb.models import Context, Decision, Device, Requirement, RequirementDecision, Result
+
+if TYPE_CHECKING:
+    from devicedb.kinds import fido2_key
+from devicedb.models import Advance, Context, Decision, Device, Requirement, RequirementDecision, Result
 from devicedb.policy import grace_applies, is_exempt
 from devicedb.settings import Settings
 from devicedb.store import Store, Tx
@@ -330,6 +335,87 @@ class Verifier:
                 return Decision(Result.ACCEPTED, "ssh security key", user, device.id)
         except Exception as exc:
             log.exception("security-key check failed")
+            return self._error(None, context, describe_error(exc))
+
+    def has_fido_key(self, raw_user: str | bytes) -> bool:
+        """Whether the user has an enabled local FIDO2 key (cheap: no fido2 import)."""
+        try:
+            user = canonical_user(raw_user, self.settings.usernames)
+            return any(d.kind == "fido2" and d.usable for d in self.store().list_devices(user))
+        except Exception:
+            return False
+
+    def fido_request(self, raw_user: str | bytes) -> tuple[str, bytes, list[bytes], bool] | None:
+        """What to ask a local FIDO2 key for: (RP id, fresh challenge, allowed credential ids, UV needed),
+        or None when the user has no enabled FIDO2 key."""
+        import secrets as random
+
+        from devicedb.kinds import fido2_key
+
+        user = canonical_user(raw_user, self.settings.usernames)
+        keys = [d for d in self.store().list_devices(user) if d.kind == fido2_key.KIND and d.usable]
+        if not keys:
+            return None
+        rp_id = str(keys[0].params.get("rp_id"))
+        same_rp = [d for d in keys if d.params.get("rp_id") == rp_id]
+        needs_uv = any(d.params.get("uv") == "required" for d in same_rp)
+        return rp_id, random.token_bytes(32), [fido2_key.credential_id(d) for d in same_rp], needs_uv
+
+    def verify_fido(
+        self, raw_user: str | bytes, assertion: fido2_key.Assertion, rp_id: str, challenge: bytes, context: Context
+    ) -> Decision:
+        """Check one assertion from a local key against the user's enrolled FIDO2 credentials: the same
+        one decision path (lockout first, the sign counter advanced by a conditional UPDATE, audit)."""
+        try:
+            from devicedb.kinds import fido2_key
+
+            user = canonical_user(raw_user, self.settings.usernames)
+            with self.store().transaction() as tx:
+                if tx.lock_state(user).locked_at(tx.now):
+                    tx.audit("auth", user, context, reason="locked")
+                    return Decision(Result.LOCKED, "locked", user)
+                device = next(
+                    (
+                        d
+                        for d in tx.devices(user)
+                        if d.kind == fido2_key.KIND
+                        and d.usable
+                        and hmac.compare_digest(fido2_key.credential_id(d), assertion.credential_id)
+                    ),
+                    None,
+                )
+                if device is None:
+                    return self._fail(tx, user, context, Result.BAD_CODE, "fido2: not a credential of this user")
+                check = fido2_key.check_assertion(
+                    device, assertion, rp_id, challenge, require_uv=device.params.get("uv") == "required"
+                )
+                if check.possible_clone:
+                    tx.audit(
+                        "auth",
+                        user,
+                        context,
+                        reason="fido2: possible clone",
+                        device_id=device.id,
+                        detail={"stored": device.sign_count, "presented": check.sign_count},
+                    )
+                if not check.ok:
+                    return self._fail(tx, user, context, Result.BAD_CODE, f"fido2: {check.reason}", device.id)
+                if check.sign_count == 0:
+                    tx.touch_device(device)  # a key that keeps no counter: nothing to advance
+                elif not tx.advance(device, Advance("sign_count", check.sign_count)):
+                    return self._fail(tx, user, context, Result.REPLAY, "replay: sign count already used", device.id)
+                tx.record_success(user)
+                tx.audit(
+                    "auth",
+                    user,
+                    context,
+                    reason="accepted: fido2 key",
+                    device_id=device.id,
+                    detail={"kind": fido2_key.KIND, "sign_count": check.sign_count},
+                )
+                return Decision(Result.ACCEPTED, "fido2 key", user, device.id)
+        except Exception as exc:
+            log.exception("fido2 verification failed")
             return self._error(None, context, describe_error(exc))
 
     def record_abandoned(self, raw_user: str | bytes, context: Context, reason: str) -> Decision:

@@ -132,6 +132,8 @@ def _device_params(d: Device) -> str:
     parts = []
     if d.kind == "totp":
         parts.append(f"{d.digits} digits, {(d.algorithm or 'sha1').upper()}, {d.period}s")
+    elif d.kind == "fido2":
+        parts.append(f"FIDO2, RP {d.params.get('rp_id')}, UV {d.params.get('uv')}, sign count {d.sign_count}")
     elif d.kind == "ssh-sk":
         parts.append(f"{d.params.get('key_type')}, options {','.join(d.params.get('options', [])) or 'none'}")
     elif d.kind == "yubico":
@@ -312,6 +314,22 @@ class App:
             f"Device {device.id} ({device.label}) is active for {device.user}: {device.params['key_type']}, "
             f"options {options}. sshd learns it through `mfa-admin authorized-keys {device.user}`."
         )
+        return EXIT_OK
+
+    def cmd_enroll_fido(self) -> int:
+        a = self.args
+        from pam_module.fido import attached_keys
+
+        keys = attached_keys()
+        if not keys:
+            raise CliError(
+                "no FIDO2 key found on this machine's USB; plug one in and run the command again", EXIT_REFUSED
+            )
+        self.say("Touch your security key (enter its PIN first if it asks)...")
+        device = DeviceManager(self.store).enroll_fido(
+            a.user, keys[0], admin_context(), label=a.label, uv=a.uv, resident=a.resident, rp_id=a.rp_id
+        )
+        self.say(f"Device {device.id} ({device.label}) is active for {device.user}: {_device_params(device)}.")
         return EXIT_OK
 
     def cmd_authorized_keys(self) -> int:
@@ -955,6 +973,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--secret-file", metavar="FILE", help="file whose first line is the AES key (default: stdin)")
     p.add_argument("--label", help="a name for the key (default: 'YubiKey PUBLICID')")
 
+    p = add(
+        enroll_sub,
+        "fido",
+        App.cmd_enroll_fido,
+        "register a FIDO2 security key attached to this machine (for console and sudo logins)",
+    )
+    p.add_argument("user", metavar="USER")
+    p.add_argument("--label", help="a name for the key (default: 'FIDO2 key')")
+    p.add_argument(
+        "--uv",
+        choices=("required", "preferred", "discouraged"),
+        default="preferred",
+        help="user verification (PIN or biometrics) at login (default: preferred)",
+    )
+    p.add_argument("--resident", action="store_true", help="store a discoverable (resident) credential on the key")
+    p.add_argument("--rp-id", help="the relying party id (default: pam://HOSTNAME; set one to share keys)")
     p = add(
         enroll_sub,
         "ssh-key",

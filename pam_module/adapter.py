@@ -141,6 +141,13 @@ def authenticate(pamh: Any, flags: int, argv: list[str]) -> int:
                     "%s: accepted %s (security key, device %s)", context.service, decision.user, decision.device_id
                 )
                 return int(pamh.PAM_SUCCESS)
+        decision = _try_local_key(pamh, verifier, user, context)
+        if decision is not None and decision.accepted:
+            pamh.env[TICKET_ENV] = verifier.issue_ticket(user, context)
+            log.info("%s: accepted %s (FIDO2 key, device %s)", context.service, decision.user, decision.device_id)
+            return int(pamh.PAM_SUCCESS)
+        if decision is not None:
+            _say(pamh, pamh.PAM_ERROR_MSG, PUBLIC_FAILURE_MESSAGE)
         for _ in range(options.tries):
             try:
                 answer = pamh.conversation(pamh.Message(pamh.PAM_PROMPT_ECHO_OFF, options.prompt)).resp
@@ -167,6 +174,18 @@ def authenticate(pamh: Any, flags: int, argv: list[str]) -> int:
         return int(pamh.PAM_AUTH_ERR)
     finally:
         verifier.close()
+
+
+def _try_local_key(pamh: Any, verifier: Verifier, user: str, context: Context) -> Any:
+    """A FIDO2 key's decision, or None (no FIDO2 device enrolled, or no key attached): then the code prompt.
+    fido2 is imported only for users who have such a device."""
+    if not verifier.has_fido_key(user):
+        return None
+    from pam_module import fido
+
+    return fido.authenticate_with_key(
+        lambda text: _say(pamh, pamh.PAM_TEXT_INFO, text), verifier, user, context, fido.attached_keys()
+    )
 
 
 def _env(pamh: Any, name: str) -> str | None:

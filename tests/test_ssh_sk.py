@@ -7,10 +7,11 @@ import os
 import secrets
 import struct
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 from cli_helpers import run_cli as cli
+from pam_handle import FakePamHandle
 
 from devicedb.errors import DeviceLimitError, DuplicateDeviceError, InvalidInput
 from devicedb.manage import DeviceManager
@@ -96,37 +97,6 @@ def test_ssh_auth_info_with_an_enrolled_key_is_the_factor(mfa_env: MfaEnv) -> No
     verifier.verify("alice", "000000", CTX)  # one failure locks with max_failures 1
     locked = verifier.ssh_key_factor("alice", info, CTX)
     assert locked is not None and locked.result is Result.LOCKED
-
-
-class FakePamHandle:
-    """pam_python's handle, for the one path no real client here can drive: an SSH login signed by a
-    security key needs an sk-capable client and authenticator, and this machine has neither."""
-
-    PAM_SUCCESS, PAM_AUTH_ERR, PAM_IGNORE = 0, 7, 25
-    PAM_PROMPT_ECHO_OFF, PAM_ERROR_MSG, PAM_TEXT_INFO = 1, 3, 4
-
-    class Message:
-        def __init__(self, style: int, text: str) -> None:
-            self.msg_style, self.msg = style, text
-
-    def __init__(self, user: str, env: dict[str, str], answers: list[str]) -> None:
-        self.service, self.rhost, self.tty, self.ruser = "sshd-test", "127.0.0.1", None, None
-        self.env = dict(env)
-        self.user = user
-        self.answers = list(answers)
-        self.prompts: list[str] = []
-
-    def get_user(self, prompt: Any) -> str:
-        return self.user
-
-    def conversation(self, message: Any) -> Any:
-        self.prompts.append(message.msg)
-        answer = self.answers.pop(0) if message.msg_style == self.PAM_PROMPT_ECHO_OFF and self.answers else None
-
-        class Response:
-            resp = answer
-
-        return Response()
 
 
 def test_pam_auth_phase_counts_an_enrolled_key_and_prompts_for_a_plain_one(tmp_path: Path) -> None:

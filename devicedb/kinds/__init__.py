@@ -21,6 +21,7 @@ _MODULES = {
     "hotp": "devicedb.kinds.hotp",
     "yubico": "devicedb.kinds.yubico",
     "ssh-sk": "devicedb.kinds.ssh_sk",
+    "fido2": "devicedb.kinds.fido2_key",
 }
 
 KIND_NAMES = tuple(_MODULES)
