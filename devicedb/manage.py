@@ -261,7 +261,7 @@ class DeviceManager:
         if uv not in fido2_key.UV_POLICIES:
             raise InvalidInput(f"--uv {uv!r} is not allowed; use one of {', '.join(fido2_key.UV_POLICIES)}")
         user = self.canonical(raw_user)
-        rp = rp_id or fido2_key.default_rp_id()
+        rp = rp_id or self.settings.fido.rp_id or fido2_key.default_rp_id()
         options = {"rk": resident, **({"uv": True} if uv == "required" else {})}
         challenge = random.token_bytes(32)
         response = Ctap2(device).make_credential(

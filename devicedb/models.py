@@ -30,6 +30,11 @@ class Requirement(enum.Enum):
 # a replay and a bad code look the same from outside.
 PUBLIC_FAILURE_MESSAGE = "Verification failed."
 
+# The reason of a decision for a user whose only devices are security keys, which no code reaches
+# (RADIUS names it to the user: such a VPN login can never work).
+ONLY_SECURITY_KEYS = "only security keys are enrolled: no device takes a code"
+FIDO_REQUIRED = "this service accepts only a FIDO2 key"
+
 
 @dataclass(frozen=True)
 class Context:

@@ -78,6 +78,14 @@ class LoggingSettings:
     file: str = "/var/log/mfaguard/mfaguard.log"
 
 
+@dataclass(frozen=True)
+class FidoSettings:
+    # None means pam://HOSTNAME; one shared value lets several hosts accept the same keys.
+    rp_id: str | None = None
+    # PAM services (sudo, say) at which only a FIDO2 key will do: no code, no backup code.
+    required_for_services: tuple[str, ...] = ()
+
+
 # RADIUS: secrets shorter than this are refused (RFC 2865 section 3 recommends at least 16 octets).
 RADIUS_MIN_SECRET_CHARS = 16
 RADIUS_MAX_SECRET_CHARS = 256
@@ -148,6 +156,7 @@ class Settings:
     usernames: UsernameSettings = field(default_factory=UsernameSettings)
     enforcement: EnforcementSettings = field(default_factory=EnforcementSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    fido: FidoSettings = field(default_factory=FidoSettings)
     radius: RadiusSettings = field(default_factory=RadiusSettings)
     # Where the settings came from: a path, or None for the built-in defaults.
     source: str | None = None
@@ -239,6 +248,14 @@ def _name_list(what: str) -> Checker:
         return tuple(out)
 
     return check
+
+
+def _rp_id_or_null(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > 253 or not value.isprintable() or " " in value:
+        raise _Bad(f"{value!r} is not an RP id", "null (pam://HOSTNAME), or a name such as pam://vpn.example.com")
+    return value
 
 
 def _instant_or_null(value: Any) -> dt.datetime | None:
@@ -472,6 +489,15 @@ _SPEC = _Section(
         "logging": _Section(
             LoggingSettings,
             {"file": _Field(_absolute_path, "the daemon log file of the front ends")},
+        ),
+        "fido": _Section(
+            FidoSettings,
+            {
+                "rp_id": _Field(_rp_id_or_null, "the relying party id of local FIDO2 keys (null: pam://HOSTNAME)"),
+                "required_for_services": _Field(
+                    _name_list("PAM service names"), "services at which only a FIDO2 key is accepted"
+                ),
+            },
         ),
         "radius": _Section(
             RadiusSettings,

@@ -20,7 +20,17 @@ from devicedb.kinds import Match, get_kind
 
 if TYPE_CHECKING:
     from devicedb.kinds import fido2_key
-from devicedb.models import Advance, Context, Decision, Device, Requirement, RequirementDecision, Result
+from devicedb.models import (
+    FIDO_REQUIRED,
+    ONLY_SECURITY_KEYS,
+    Advance,
+    Context,
+    Decision,
+    Device,
+    Requirement,
+    RequirementDecision,
+    Result,
+)
 from devicedb.policy import grace_applies, is_exempt
 from devicedb.settings import Settings
 from devicedb.store import Store, Tx
@@ -217,12 +227,20 @@ class Verifier:
         if not devices:
             tx.audit("auth", audit_name(user, known=False), context, reason="no device enrolled")
             return Decision(Result.NO_DEVICE, "no device enrolled", user)
+        if self.fido_required(context):
+            # Neither a code nor a backup code counts here; nothing was guessed, so nothing is counted.
+            tx.audit("auth", user, context, reason=f"code refused: {FIDO_REQUIRED}")
+            return Decision(Result.NO_USABLE_DEVICE, FIDO_REQUIRED, user)
         # Backup codes stand in for a lost device that the administrator disabled; they are
         # no enrollment of their own, so a user with no device at all is refused above.
         if not usable and not tx.has_backup_codes(user):
             reason = "no usable device (all disabled, pending or of an unknown kind)"
             tx.audit("auth", user, context, reason=reason)
             return Decision(Result.NO_USABLE_DEVICE, reason, user)
+        takes_codes = [d for d in usable if (k := get_kind(d.kind)) is not None and k.code_lengths(d)]
+        if not takes_codes and not tx.has_backup_codes(user):
+            tx.audit("auth", user, context, reason=ONLY_SECURITY_KEYS)
+            return Decision(Result.NO_USABLE_DEVICE, ONLY_SECURITY_KEYS, user)
 
         if text is None:
             return self._fail(tx, user, context, Result.BAD_CODE, "malformed response")
@@ -336,6 +354,10 @@ class Verifier:
         except Exception as exc:
             log.exception("security-key check failed")
             return self._error(None, context, describe_error(exc))
+
+    def fido_required(self, context: Context) -> bool:
+        """Whether this service accepts only a FIDO2 key (settings fido.required_for_services)."""
+        return context.service in self.settings.fido.required_for_services
 
     def has_fido_key(self, raw_user: str | bytes) -> bool:
         """Whether the user has an enabled local FIDO2 key (cheap: no fido2 import)."""

@@ -148,6 +148,12 @@ def authenticate(pamh: Any, flags: int, argv: list[str]) -> int:
             return int(pamh.PAM_SUCCESS)
         if decision is not None:
             _say(pamh, pamh.PAM_ERROR_MSG, PUBLIC_FAILURE_MESSAGE)
+        if verifier.fido_required(context):
+            # The core accepts no code at this service: asking for one would only mislead.
+            if decision is None:
+                verifier.record_abandoned(user, context, "no FIDO2 key answered, and this service requires one")
+                _say(pamh, pamh.PAM_ERROR_MSG, PUBLIC_FAILURE_MESSAGE)
+            return int(pamh.PAM_AUTH_ERR)
         for _ in range(options.tries):
             try:
                 answer = pamh.conversation(pamh.Message(pamh.PAM_PROMPT_ECHO_OFF, options.prompt)).resp

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from devicedb import PUBLIC_FAILURE_MESSAGE, Context, Decision, Requirement, Verifier
+from devicedb.models import ONLY_SECURITY_KEYS
 from devicedb.settings import RadiusClient, Settings
 from devicedb.usernames import canonical_user, safe_display
 from radius_server import protocol as p
@@ -31,6 +32,7 @@ from radius_server.firstfactor import FirstFactor
 log = logging.getLogger("mfa-radiusd")
 
 CHALLENGE_PROMPT = "Enter the one-time code from your authenticator: "
+NO_RADIUS_DEVICE_MESSAGE = "No RADIUS-capable device is enrolled for this account (security keys cannot be used here)."
 CHAP_MESSAGE = "CHAP and MS-CHAP cannot carry a one-time code; configure this client for PAP."
 EAP_MESSAGE = "EAP is not supported; configure this client for PAP."
 MAX_CODE_ATTEMPTS = 3
@@ -448,7 +450,8 @@ class RadiusServer:
         or a Challenge with its prompt and State) fits in a RADIUS packet, with the request's Proxy-States."""
         proxy = sum(len(v) + 2 for t, v in req.attrs if t == p.PROXY_STATE)
         accept = sum(len(v) + 2 for _, v in client.reply_attrs)
-        others = max(len(PUBLIC_FAILURE_MESSAGE), len(CHALLENGE_PROMPT), len(CHAP_MESSAGE), len(EAP_MESSAGE)) + 2
+        messages = (PUBLIC_FAILURE_MESSAGE, CHALLENGE_PROMPT, CHAP_MESSAGE, EAP_MESSAGE, NO_RADIUS_DEVICE_MESSAGE)
+        others = max(len(m) for m in messages) + 2
         challenge = others + STATE_BYTES + 2
         return 20 + 18 + proxy + max(accept, challenge, others) <= p.MAX_PACKET
 
@@ -502,6 +505,9 @@ class RadiusServer:
     def _reply_for(self, decision: Decision) -> Reply:
         if decision.accepted:
             return (p.ACCESS_ACCEPT, [])
+        if decision.reason == ONLY_SECURITY_KEYS:
+            # RADIUS cannot carry a FIDO assertion: say so, since such a login can never work.
+            return (p.ACCESS_REJECT, [(p.REPLY_MESSAGE, NO_RADIUS_DEVICE_MESSAGE.encode())])
         return (p.ACCESS_REJECT, [(p.REPLY_MESSAGE, PUBLIC_FAILURE_MESSAGE.encode())])
 
     async def _requirement(self, user_name: bytes, context: Context) -> Requirement:

@@ -198,3 +198,43 @@ def test_cli_enroll_fido_without_a_key_says_what_to_do(tmp_path: Any) -> None:
     assert rc == 5 and "no FIDO2 key found" in err and "plug one in" in err
     rc, _, err = run_cli(config, "enroll", "fido", "alice", "--uv", "sometimes")
     assert rc == 2
+
+
+def test_a_service_can_require_a_fido2_key(mfa_env: MfaEnv, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pam_handle import FakePamHandle
+
+    from devicedb.kinds import totp
+    from devicedb.models import FIDO_REQUIRED
+    from pam_module import adapter, fido
+
+    extra = EASY + "fido:\n  rp_id: pam://shared.example\n  required_for_services: [sudo]\n"
+    store = mfa_env.open(mfa_env.initialise(extra))
+    verifier = mfa_env.verifier(store)
+    key = SoftAuthenticator()
+    device = DeviceManager(store).enroll_fido("alice", key, CTX)
+    assert device.params["rp_id"] == "pam://shared.example"  # fido.rp_id is the default RP id
+    secret = bytes(range(20))
+    DeviceManager(store).enroll_totp("alice", CTX, secret=secret, pending=False)
+    code = totp.code_at(secret, 6, "sha1", 30, mfa_env.clock())
+    refused = verifier.verify("alice", code, Context(service="sudo"))
+    assert refused.result is Result.NO_USABLE_DEVICE and refused.reason == FIDO_REQUIRED
+    assert store.lock_state("alice").failures == 0
+    assert verifier.verify("alice", code, Context(service="sshd")).accepted  # other services take codes
+    assert login(verifier, key) is Result.ACCEPTED  # the key itself is accepted at sudo
+    config = mfa_env.root / "mfaguard.yaml"
+    config.write_text(mfa_env.yaml(extra) + f"logging:\n  file: {mfa_env.root}/pam.log\n")
+    config.chmod(0o600)
+    monkeypatch.setattr(fido, "attached_keys", lambda: [])
+    handle = FakePamHandle("alice", {}, ["123456"] * 3)
+    handle.service = "sudo"
+    assert adapter.authenticate(handle, 0, ["pam_mfaguard.py", f"config={config}"]) == handle.PAM_AUTH_ERR
+    assert adapter.DEFAULT_PROMPT not in handle.prompts  # no code is asked where none would count
+
+
+def test_a_user_with_only_security_keys_is_told_codes_cannot_work(env: Any) -> None:
+    from devicedb.models import ONLY_SECURITY_KEYS
+
+    store, verifier, _ = env
+    decision = verifier.verify("alice", "123456", CTX)
+    assert decision.result is Result.NO_USABLE_DEVICE and decision.reason == ONLY_SECURITY_KEYS
+    assert store.lock_state("alice").failures == 0

@@ -54,3 +54,22 @@ def test_yubico_otp_accept_then_replay(renv: RadiusEnv, server: Daemon) -> None:
     assert "Received Access-Reject" in login(server.port, user, older)
     reasons = [r["reason"] for r in renv.audit(user) if r["event"] == "auth"]
     assert reasons == ["accepted", "replay: code already used", "replay: code already used"]
+
+
+def test_security_key_only_user_is_told_no_radius_device(renv: RadiusEnv, server: Daemon) -> None:
+    import base64
+    import struct
+
+    def ssh_string(data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + data
+
+    user = f"k{secrets.token_hex(4)}"
+    kind = b"sk-ssh-ed25519@openssh.com"
+    blob = base64.b64encode(ssh_string(kind) + ssh_string(secrets.token_bytes(32)) + ssh_string(b"ssh:")).decode()
+    with renv.store() as store:
+        DeviceManager(store).enroll_ssh_key(user, f"{kind.decode()} {blob}", CTX)
+    out = login(server.port, user, "123456")
+    assert "Received Access-Reject" in out and "No RADIUS-capable device is enrolled" in out, out
+    assert [r["reason"] for r in renv.audit(user) if r["event"] == "auth"] == [
+        "only security keys are enrolled: no device takes a code"
+    ]
