@@ -19,6 +19,9 @@ from devicedb.policy import grace_applies, is_exempt
 from devicedb.store import Store, Tx
 from devicedb.usernames import canonical_user
 
+# A pending (unconfirmed) enrollment older than this is removed by the user's next enrollment.
+STALE_PENDING_SECONDS = 3600
+
 
 @dataclass(frozen=True)
 class TotpEnrollment:
@@ -97,6 +100,14 @@ class DeviceManager:
             raise InvalidInput("a TOTP secret must be at least 128 bits (16 bytes)")
         label = label or ("TOTP token" if hardware else "TOTP app")
         with self.store.transaction() as tx:
+            # An enrollment cut off before its code was confirmed (the admin's session killed, say)
+            # must not hold one of the user's slots for ever.
+            for stale in tx.devices(user):
+                if stale.pending and tx.now - stale.created_at > STALE_PENDING_SECONDS:
+                    tx.remove(user, stale.id)
+                    tx.audit(
+                        "device_removed", user, context, device_id=stale.id, reason="enrollment never confirmed (stale)"
+                    )
             device_id = tx.insert_device(
                 user=user,
                 kind=totp.KIND,

@@ -559,3 +559,21 @@ def test_another_key_file_cannot_open_the_secrets(
         )
         assert decision.result is Result.ERROR
         assert not other.verify_audit().ok  # the chain is keyed too
+
+
+def test_a_stale_pending_enrollment_gives_its_slot_back(mfa_env: MfaEnv, lib: type[Lib]) -> None:
+    """An enrollment killed before its code was confirmed must not hold a slot for ever."""
+    from devicedb.manage import STALE_PENDING_SECONDS
+
+    store = mfa_env.open(mfa_env.initialise("max_devices: 1\n"))
+    manager = DeviceManager(store)
+    first = manager.enroll_totp("alice", lib.CTX, pending=True)
+    with pytest.raises(DeviceLimitError):
+        manager.enroll_totp("alice", lib.CTX, pending=True)  # still fresh: it keeps its slot
+    mfa_env.clock.advance(STALE_PENDING_SECONDS + 1)
+    second = manager.enroll_totp("alice", lib.CTX, pending=True)
+    assert [d.id for d in manager.list_devices("alice")] == [second.device.id]
+    assert any(
+        r.event == "device_removed" and r.device_id == first.device.id and "stale" in (r.reason or "")
+        for r in store.audit_rows()
+    )
