@@ -10,6 +10,7 @@ from __future__ import annotations
 from devicedb.errors import InvalidInput, NotFound
 from devicedb.importers import TokenRecord
 from devicedb.kinds import hotp, totp, yubico
+from devicedb.manage import add_device
 from devicedb.models import Context
 from devicedb.store import InventoryToken, Store
 from devicedb.usernames import canonical_user
@@ -88,14 +89,18 @@ class Inventory:
                 params["public_id"] = token.params["public_id"]
             else:
                 raise InvalidInput(f"token {serial} is of kind {token.kind}, which cannot be assigned")
-            device_id = tx.insert_device(
+            device_id = add_device(
+                tx,
+                self.settings,
+                context,
+                reason=f"token {serial} assigned",
+                detail={"serial": serial},
                 user=user,
                 kind=token.kind,
                 label=f"{token.kind.upper()} token {serial}"[:64],
                 secret=secret,
                 fingerprint_domain=_domain(token.kind),
                 fingerprint_material=material,
-                max_devices=self.settings.max_devices,
                 algorithm=token.algorithm,
                 digits=token.digits,
                 period=token.period,
@@ -108,14 +113,6 @@ class Inventory:
                 drift=int(token.params.get("drift") or 0),
             )
             tx.set_token_status(serial, "assigned", user, device_id)
-            tx.audit(
-                "device_added",
-                user,
-                context,
-                device_id=device_id,
-                reason=f"token {serial} assigned",
-                detail={"kind": token.kind, "serial": serial},
-            )
             tx.audit("token_assigned", user, context, device_id=device_id, reason=f"token {serial}")
         return device_id
 

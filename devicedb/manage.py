@@ -16,11 +16,28 @@ from devicedb.importers.google_authenticator import GoogleAuthenticatorFile
 from devicedb.kinds import hotp, totp, yubico
 from devicedb.models import Context, Device, LockState, Requirement
 from devicedb.policy import grace_applies, is_exempt
+from devicedb.settings import Settings
 from devicedb.store import Store, Tx
 from devicedb.usernames import canonical_user
 
 # A pending (unconfirmed) enrollment older than this is removed by the user's next enrollment.
 STALE_PENDING_SECONDS = 3600
+
+
+def add_device(
+    tx: Tx, settings: Settings, context: Context, *, reason: str, detail: dict[str, Any], **fields: Any
+) -> int:
+    """Insert a device (the device limit and duplicate checks run in the same transaction) and audit it."""
+    device_id = tx.insert_device(max_devices=settings.max_devices, **fields)
+    tx.audit(
+        "device_added",
+        fields["user"],
+        context,
+        device_id=device_id,
+        reason=reason,
+        detail={"kind": fields["kind"], **detail},
+    )
+    return device_id
 
 
 @dataclass(frozen=True)
@@ -108,27 +125,23 @@ class DeviceManager:
                     tx.audit(
                         "device_removed", user, context, device_id=stale.id, reason="enrollment never confirmed (stale)"
                     )
-            device_id = tx.insert_device(
+            device_id = add_device(
+                tx,
+                self.settings,
+                context,
+                reason="pending confirmation" if pending else "active",
+                detail={"digits": digits, "algorithm": algorithm, "period": period},
                 user=user,
                 kind=totp.KIND,
                 label=label,
                 secret=secret,
                 fingerprint_domain=totp.FINGERPRINT_DOMAIN,
                 fingerprint_material=secret,
-                max_devices=self.settings.max_devices,
                 algorithm=algorithm,
                 digits=digits,
                 period=period,
                 pending=pending,
                 params=params,
-            )
-            tx.audit(
-                "device_added",
-                user,
-                context,
-                device_id=device_id,
-                reason="pending confirmation" if pending else "active",
-                detail={"kind": totp.KIND, "digits": digits, "algorithm": algorithm, "period": period},
             )
             device = tx.device(user, device_id)
         uri = totp.provisioning_uri(
@@ -157,26 +170,22 @@ class DeviceManager:
             raise InvalidInput("an HOTP secret must be at least 80 bits (10 bytes)")
         weak = len(secret) < 16
         with self.store.transaction() as tx:
-            device_id = tx.insert_device(
+            device_id = add_device(
+                tx,
+                self.settings,
+                context,
+                reason="active",
+                detail={"digits": digits, "algorithm": algorithm, "counter": counter},
                 user=user,
                 kind=hotp.KIND,
                 label=label or "HOTP token",
                 secret=secret,
                 fingerprint_domain=hotp.FINGERPRINT_DOMAIN,
                 fingerprint_material=secret,
-                max_devices=self.settings.max_devices,
                 algorithm=algorithm,
                 digits=digits,
                 next_counter=counter,
                 params={"look_ahead": look_ahead, "resync_window": resync_window, **({"weak": True} if weak else {})},
-            )
-            tx.audit(
-                "device_added",
-                user,
-                context,
-                device_id=device_id,
-                reason="active",
-                detail={"kind": hotp.KIND, "digits": digits, "algorithm": algorithm, "counter": counter},
             )
             return tx.device(user, device_id)
 
@@ -195,24 +204,20 @@ class DeviceManager:
         public_id = public_id.strip().lower()
         yubico.validate(public_id, private_id, aes_key)
         with self.store.transaction() as tx:
-            device_id = tx.insert_device(
+            device_id = add_device(
+                tx,
+                self.settings,
+                context,
+                reason="active",
+                detail={"public_id": public_id},
                 user=user,
                 kind=yubico.KIND,
                 label=label or f"YubiKey {public_id}",
                 secret=aes_key + private_id,
                 fingerprint_domain=yubico.FINGERPRINT_DOMAIN,
                 fingerprint_material=aes_key,
-                max_devices=self.settings.max_devices,
                 next_counter=0,
                 params={"public_id": public_id},
-            )
-            tx.audit(
-                "device_added",
-                user,
-                context,
-                device_id=device_id,
-                reason="active",
-                detail={"kind": yubico.KIND, "public_id": public_id},
             )
             return tx.device(user, device_id)
 
@@ -223,28 +228,24 @@ class DeviceManager:
         user = self.canonical(raw_user)
         key = ssh_sk.parse_public_key(line)
         with self.store.transaction() as tx:
-            device_id = tx.insert_device(
+            device_id = add_device(
+                tx,
+                self.settings,
+                context,
+                reason="active",
+                detail={"key_type": key.key_type, "options": list(key.options)},
                 user=user,
                 kind=ssh_sk.KIND,
                 label=label or key.comment or "security key (SSH)",
                 secret=None,
                 fingerprint_domain=ssh_sk.FINGERPRINT_DOMAIN,
                 fingerprint_material=key.blob,
-                max_devices=self.settings.max_devices,
                 params={
                     "key_type": key.key_type,
                     "public_key": key.blob_b64,
                     "options": list(key.options),
                     "comment": key.comment,
                 },
-            )
-            tx.audit(
-                "device_added",
-                user,
-                context,
-                device_id=device_id,
-                reason="active",
-                detail={"kind": ssh_sk.KIND, "key_type": key.key_type, "options": list(key.options)},
             )
             return tx.device(user, device_id)
 
@@ -289,14 +290,18 @@ class DeviceManager:
         if uv == "required" and not data.is_user_verified():
             raise InvalidInput("--uv required, but the key did not verify the user (set a PIN on it first)")
         with self.store.transaction() as tx:
-            device_id = tx.insert_device(
+            device_id = add_device(
+                tx,
+                self.settings,
+                context,
+                reason="active",
+                detail={"rp_id": rp, "uv": uv},
                 user=user,
                 kind=fido2_key.KIND,
                 label=label or "FIDO2 key",
                 secret=None,
                 fingerprint_domain=fido2_key.FINGERPRINT_DOMAIN,
                 fingerprint_material=bytes(credential.credential_id),
-                max_devices=self.settings.max_devices,
                 sign_count=data.counter,
                 params={
                     "credential_id": fido2_key.b64(bytes(credential.credential_id)),
@@ -306,14 +311,6 @@ class DeviceManager:
                     "uv": uv,
                     "resident": resident,
                 },
-            )
-            tx.audit(
-                "device_added",
-                user,
-                context,
-                device_id=device_id,
-                reason="active",
-                detail={"kind": fido2_key.KIND, "rp_id": rp, "uv": uv},
             )
             return tx.device(user, device_id)
 
@@ -416,27 +413,23 @@ class DeviceManager:
             look_ahead = min(ga.window or hotp.DEFAULT_LOOK_AHEAD, hotp.MAX_LOOK_AHEAD)
             params |= {"look_ahead": look_ahead, "resync_window": max(look_ahead, hotp.DEFAULT_RESYNC_WINDOW)}
         with self.store.transaction() as tx:
-            device_id = tx.insert_device(
+            device_id = add_device(
+                tx,
+                self.settings,
+                context,
+                reason="migrated from google-authenticator",
+                detail={"weak": ga.weak},
                 user=user,
                 kind=ga.kind,
                 label="google-authenticator",
                 secret=ga.secret,
                 fingerprint_domain=totp.FINGERPRINT_DOMAIN,
                 fingerprint_material=ga.secret,
-                max_devices=self.settings.max_devices,
                 algorithm="sha1",
                 digits=6,
                 period=ga.step if ga.kind == "totp" else None,
                 next_counter=ga.counter if ga.kind == "hotp" else None,
                 params=params,
-            )
-            tx.audit(
-                "device_added",
-                user,
-                context,
-                device_id=device_id,
-                reason="migrated from google-authenticator",
-                detail={"kind": ga.kind, "weak": ga.weak},
             )
             existing = tx.backup_codes_left(user)
             if digests and existing and not replace_backup_codes:
