@@ -10,6 +10,7 @@ the `audit verify` head hash or the JSON-lines export off the host.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -69,7 +70,23 @@ def row_hash(
         separators=(",", ":"),
         ensure_ascii=False,
     )
-    return hmac.new(key, prev_hash.encode() + b"\n" + body.encode("utf-8"), hashlib.sha256).hexdigest()
+    inner, outer = _pads(key)
+    inner = inner.copy()
+    inner.update(prev_hash.encode() + b"\n" + body.encode("utf-8"))
+    outer = outer.copy()
+    outer.update(inner.digest())
+    digest: str = outer.hexdigest()  # HMAC-SHA256 (RFC 2104) with the pads hashed once per key
+    return digest
+
+
+@functools.lru_cache(maxsize=4)
+def _pads(key: bytes) -> tuple[Any, Any]:
+    padded = (hashlib.sha256(key).digest() if len(key) > 64 else key).ljust(64, b"\0")
+    return hashlib.sha256(padded.translate(_XOR_36)), hashlib.sha256(padded.translate(_XOR_5C))
+
+
+_XOR_36 = bytes(b ^ 0x36 for b in range(256))
+_XOR_5C = bytes(b ^ 0x5C for b in range(256))
 
 
 def append(
@@ -84,14 +101,16 @@ def append(
     source: str | None = None,
     reason: str | None = None,
     detail: dict[str, Any] | None = None,
-) -> int:
-    """Append one row. The caller holds the write transaction (BEGIN IMMEDIATE)."""
+    head: tuple[int, str] | None = None,
+) -> tuple[int, str]:
+    """Append one row; returns its id and hash, the head of the chain for the next append.
+
+    The caller holds the write transaction (BEGIN IMMEDIATE), so the head it passes, read by
+    ``chain_head`` or returned by the previous append in the same transaction, is still current.
+    """
     if event not in EVENTS:
         raise ValueError(f"unknown audit event {event!r}")
-    last = conn.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
-    seq = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'audit'").fetchone()
-    prev_id = max(last[0] if last else 0, seq[0] if seq else 0)
-    prev_hash = last[1] if last else GENESIS_HASH
+    prev_id, prev_hash = head if head is not None else chain_head(conn)
     row_id = prev_id + 1
     detail_json = canonical_detail(detail)
     digest = row_hash(key, prev_hash, row_id, ts, event, user, device_id, service, source, reason, detail_json)
@@ -100,7 +119,14 @@ def append(
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (row_id, ts, event, user, device_id, service, source, reason, detail_json, prev_hash, digest),
     )
-    return row_id
+    return row_id, digest
+
+
+def chain_head(conn: sqlite3.Connection) -> tuple[int, str]:
+    """The id the last row had (or that AUTOINCREMENT last handed out) and the last row's hash."""
+    last = conn.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
+    seq = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'audit'").fetchone()
+    return max(last[0] if last else 0, seq[0] if seq else 0), (last[1] if last else GENESIS_HASH)
 
 
 _COLUMNS = "id, ts, event, user, device_id, service, source, reason, detail, prev_hash, hash"

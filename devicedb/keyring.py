@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import os
 import secrets
+from typing import Any
 
 from devicedb.errors import KeyFileError, SealError, UnsafePathError
 from devicedb.fsafety import check_file, read_trusted_file
@@ -40,6 +41,7 @@ class Keyring:
         self._seal_key = _derive(master, b"seal/v1")
         self._fingerprint_key = _derive(master, b"fingerprint/v1")
         self.audit_key = _derive(master, b"audit/v1")
+        self._aead: Any = None  # AESGCM under the seal key, made on first use (cryptography imports lazily)
 
     @classmethod
     def load(cls, path: str) -> Keyring:
@@ -76,20 +78,26 @@ class Keyring:
             os.close(fd)
         return True
 
-    def _seal(self, aad: bytes, secret: bytes) -> bytes:
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    def _cipher(self) -> Any:
+        if self._aead is None:
+            from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+            self._aead = AESGCM(self._seal_key)
+        return self._aead
+
+    def _seal(self, aad: bytes, secret: bytes) -> bytes:
         nonce = secrets.token_bytes(_NONCE_BYTES)
-        return _SEAL_VERSION + nonce + AESGCM(self._seal_key).encrypt(nonce, secret, aad)
+        sealed: bytes = self._cipher().encrypt(nonce, secret, aad)
+        return _SEAL_VERSION + nonce + sealed
 
     def _open(self, aad: bytes, sealed: bytes, what: str) -> bytes:
         from cryptography.exceptions import InvalidTag
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
         if len(sealed) < 1 + _NONCE_BYTES + 16 or sealed[:1] != _SEAL_VERSION:
             raise SealError(f"{what}: sealed secret has an unknown format")
         try:
-            return AESGCM(self._seal_key).decrypt(sealed[1 : 1 + _NONCE_BYTES], sealed[1 + _NONCE_BYTES :], aad)
+            opened: bytes = self._cipher().decrypt(sealed[1 : 1 + _NONCE_BYTES], sealed[1 + _NONCE_BYTES :], aad)
+            return opened
         except InvalidTag:
             raise SealError(
                 f"{what}: sealed secret does not open: wrong key file, or the row was altered or moved"

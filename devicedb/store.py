@@ -155,18 +155,82 @@ class Tx:
         self.keyring = store.keyring
         self.now = store.clock()
         self._savepoints = 0
+        # The audit chain's head as of our last append: no one else writes while we hold the lock.
+        self._audit_head: tuple[int, str] | None = None
+        # Reads of a user's devices, lock state and unused backup codes, kept while nothing could have
+        # changed them: a write names the user it changed (``_wrote``), and any change the connection
+        # counts that no write named (``conn.total_changes``) throws every cached read away.
+        self._devices: dict[str, list[Device]] = {}
+        self._locks: dict[str, LockState] = {}
+        self._backup_left: dict[str, int] = {}
+        self._accounted_changes = self.conn.total_changes
+
+    def _cache_valid(self) -> None:
+        if self.conn.total_changes != self._accounted_changes:
+            self._forget()
+
+    def _forget(self) -> None:
+        self._devices.clear()
+        self._locks.clear()
+        self._backup_left.clear()
+        self._accounted_changes = self.conn.total_changes
+
+    def _wrote(self, user: str | None) -> None:
+        """After a write that changed only this user's devices, lock state or backup codes (or, for
+        None, only rows no cached read covers: the audit log)."""
+        if self.conn.total_changes == self._accounted_changes:
+            return
+        if user is not None:
+            self._devices.pop(user, None)
+            self._locks.pop(user, None)
+            self._backup_left.pop(user, None)
+        self._accounted_changes = self.conn.total_changes
+
+    def prefetch(self, users: list[str]) -> None:
+        """Read several users' devices, lock states and backup-code counts in three statements
+        (a group commit's attempts), so that each attempt's own reads hit the cache."""
+        self._cache_valid()
+        wanted = sorted({u for u in users if u not in self._devices})
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            devices: dict[str, list[Device]] = {u: [] for u in chunk}
+            for r in self.conn.execute(
+                f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE user IN ({marks}) ORDER BY user, id", chunk
+            ):
+                devices[r[1]].append(_device(r))
+            locks = {u: LockState() for u in chunk}
+            for r in self.conn.execute(
+                "SELECT user, failures, consecutive_failures, locked_until, hard_locked, last_failure_at,"
+                f" last_success_at FROM lockout WHERE user IN ({marks})",
+                chunk,
+            ):
+                locks[r[0]] = LockState(r[1], r[2], r[3], bool(r[4]), r[5], r[6])
+            left = dict.fromkeys(chunk, 0)
+            for user, n in self.conn.execute(
+                f"SELECT user, COUNT(*) FROM backup_codes WHERE user IN ({marks}) AND used_at IS NULL GROUP BY user",
+                chunk,
+            ):
+                left[user] = int(n)
+            self._devices.update(devices)
+            self._locks.update(locks)
+            self._backup_left.update(left)
 
     @contextmanager
     def savepoint(self) -> Iterator[None]:
         """A nested unit inside this transaction: rolled back alone if it raises."""
+        # One name for every level: SQLite resolves a name to the innermost savepoint holding it,
+        # and one statement text keeps the statement cache from filling with sp1, sp2, ...
         self._savepoints += 1
-        name = f"sp{self._savepoints}"
+        name = "mfaguard_savepoint"
         self.conn.execute(f"SAVEPOINT {name}")
         try:
             yield
         except BaseException:
             self.conn.execute(f"ROLLBACK TO {name}")
             self.conn.execute(f"RELEASE {name}")
+            self._audit_head = None  # a rolled-back append is no longer the head
+            self._forget()  # nor are reads made since
             raise
         self.conn.execute(f"RELEASE {name}")
 
@@ -183,9 +247,10 @@ class Tx:
     ) -> int:
         merged = dict(context.detail())
         merged.update(detail or {})
-        return audit.append(
+        row_id, digest = audit.append(
             self.conn,
             self.keyring.audit_key,
+            head=self._audit_head,
             ts=self.now,
             event=event,
             user=user,
@@ -195,11 +260,18 @@ class Tx:
             reason=reason,
             detail=merged,
         )
+        self._audit_head = (row_id, digest)
+        self._wrote(None)
+        return row_id
 
     # -- devices -----------------------------------------------------------
     def devices(self, user: str) -> list[Device]:
-        cur = self.conn.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE user = ? ORDER BY id", (user,))
-        return [_device(r) for r in cur]
+        self._cache_valid()
+        cached = self._devices.get(user)
+        if cached is None:
+            cur = self.conn.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE user = ? ORDER BY id", (user,))
+            cached = self._devices[user] = [_device(r) for r in cur]
+        return list(cached)
 
     def device(self, user: str, device_id: int) -> Device:
         r = self.conn.execute(
@@ -283,12 +355,14 @@ class Tx:
             f" AND pending = 0 AND ({advance.field} IS NULL OR {advance.field} < ?)",
             args,
         )
+        self._wrote(device.user)
         return cur.rowcount == 1
 
     def touch_device(self, device: Device) -> None:
         self.conn.execute(
             "UPDATE devices SET last_used_at = ? WHERE id = ? AND user = ?", (self.now, device.id, device.user)
         )
+        self._wrote(device.user)
 
     def note_state(self, device: Device, note: dict[str, int | float | None]) -> None:
         """Record state a failed attempt leaves behind (an HOTP code awaiting its successor)."""
@@ -299,6 +373,7 @@ class Tx:
             f"UPDATE devices SET {', '.join(f'{n} = ?' for n in names)} WHERE id = ? AND user = ?",
             [note[n] for n in names] + [device.id, device.user],
         )
+        self._wrote(device.user)
 
     def set_clock(self, device: Device, last_step: int, drift: int) -> bool:
         """An administrator's resync of a hardware TOTP token: new drift, replay state forward only."""
@@ -470,6 +545,7 @@ class Tx:
         if hit is None:
             return "replay" if spent else None
         cur = self.conn.execute("UPDATE backup_codes SET used_at = ? WHERE id = ? AND used_at IS NULL", (self.now, hit))
+        self._wrote(user)
         return "used" if cur.rowcount == 1 else "replay"
 
     def backup_code_digits(self, user: str) -> int | None:
@@ -477,10 +553,14 @@ class Tx:
         return int(r[0]) if r else None
 
     def backup_codes_left(self, user: str) -> int:
-        (n,) = self.conn.execute(
-            "SELECT COUNT(*) FROM backup_codes WHERE user = ? AND used_at IS NULL", (user,)
-        ).fetchone()
-        return int(n)
+        self._cache_valid()
+        cached = self._backup_left.get(user)
+        if cached is None:
+            (n,) = self.conn.execute(
+                "SELECT COUNT(*) FROM backup_codes WHERE user = ? AND used_at IS NULL", (user,)
+            ).fetchone()
+            cached = self._backup_left[user] = int(n)
+        return cached
 
     def has_backup_codes(self, user: str) -> bool:
         return self.backup_codes_left(user) > 0
@@ -505,14 +585,17 @@ class Tx:
 
     # -- lockout -------------------------------------------------------------
     def lock_state(self, user: str) -> LockState:
-        r = self.conn.execute(
-            "SELECT failures, consecutive_failures, locked_until, hard_locked, last_failure_at, last_success_at"
-            " FROM lockout WHERE user = ?",
-            (user,),
-        ).fetchone()
-        if r is None:
-            return LockState()
-        return LockState(r[0], r[1], r[2], bool(r[3]), r[4], r[5])
+        self._cache_valid()
+        cached = self._locks.get(user)
+        if cached is None:
+            r = self.conn.execute(
+                "SELECT failures, consecutive_failures, locked_until, hard_locked, last_failure_at, last_success_at"
+                " FROM lockout WHERE user = ?",
+                (user,),
+            ).fetchone()
+            cached = LockState() if r is None else LockState(r[0], r[1], r[2], bool(r[3]), r[4], r[5])
+            self._locks[user] = cached
+        return cached
 
     def record_failure(self, user: str, rules: LockoutSettings) -> str | None:
         """Count one failure. Returns 'lock' or 'hard_lock' when this failure locks the user."""
@@ -536,6 +619,7 @@ class Tx:
             " hard_locked = excluded.hard_locked, last_failure_at = excluded.last_failure_at",
             (user, failures, consecutive, locked_until, int(hard), self.now),
         )
+        self._wrote(user)
         return outcome
 
     def record_success(self, user: str) -> None:
@@ -544,6 +628,7 @@ class Tx:
             " failures = 0, consecutive_failures = 0, last_success_at = excluded.last_success_at",
             (user, self.now),
         )
+        self._wrote(user)
 
     def unlock(self, user: str) -> LockState:
         before = self.lock_state(user)
@@ -585,6 +670,8 @@ class Store:
             conn.execute(f"PRAGMA synchronous = {'FULL' if db.synchronous == 'full' else 'NORMAL'}")
             conn.execute("PRAGMA foreign_keys = ON")
             conn.execute("PRAGMA trusted_schema = OFF")
+            # Savepoint sub-journals (the verify path's per-attempt savepoints) in memory, not temp files.
+            conn.execute("PRAGMA temp_store = MEMORY")
         except sqlite3.DatabaseError as exc:
             raise DatabaseError(f"database {db.path} cannot be opened: {exc}") from None
         return conn
@@ -712,6 +799,20 @@ class Store:
         with self._lock:
             r = self.conn.execute("SELECT salt, code_digits FROM backup_code_sets WHERE user = ?", (user,)).fetchone()
             return (bytes(r[0]), int(r[1])) if r else None
+
+    def backup_sets(self, users: list[str]) -> dict[str, tuple[bytes, int]]:
+        """``backup_set`` for several users in one statement (a group commit's attempts)."""
+        found: dict[str, tuple[bytes, int]] = {}
+        wanted = sorted(set(users))
+        with self._lock:
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start : start + 500]
+                marks = ", ".join("?" * len(chunk))
+                for user, salt, digits in self.conn.execute(
+                    f"SELECT user, salt, code_digits FROM backup_code_sets WHERE user IN ({marks})", chunk
+                ):
+                    found[user] = (bytes(salt), int(digits))
+        return found
 
     def backup_codes_left(self, user: str) -> int:
         with self.transaction() as tx:

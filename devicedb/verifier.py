@@ -117,10 +117,13 @@ class Verifier:
             log.exception("verification failed for %s", user)
             return self._error(user, context, describe_error(exc))
 
-    def _prepare(self, user: str, response: str | bytes) -> tuple[str | None, tuple[bytes, bytes] | None]:
+    def _prepare(
+        self, user: str, response: str | bytes, backup_sets: dict[str, tuple[bytes, int]] | None = None
+    ) -> tuple[str | None, tuple[bytes, bytes] | None]:
         """The typed text (None if it cannot be a code) and, for a backup-code shape, its digest.
 
         scrypt runs here, before the write lock is taken; the salt is re-checked inside.
+        ``backup_sets`` is the users' sets read beforehand for a whole batch.
         """
         text: str | None
         if isinstance(response, bytes):
@@ -133,7 +136,12 @@ class Verifier:
         if text is not None and len(text) > MAX_RESPONSE_CHARS:
             text = None
         prehashed: tuple[bytes, bytes] | None = None
-        backup_set = self.store().backup_set(user) if text else None
+        if not text:
+            backup_set = None
+        elif backup_sets is not None:
+            backup_set = backup_sets.get(user)
+        else:
+            backup_set = self.store().backup_set(user)
         if text and backup_set is not None:
             salt, digits = backup_set
             backup_digits = backup_codes.normalise(text, digits)
@@ -154,10 +162,20 @@ class Verifier:
         acted on before this returns: if the shared commit fails, every decision is ERROR.
         """
         prepared: list[tuple[str | None, str | None, tuple[bytes, bytes] | None, Context, Decision | None]] = []
-        for raw_user, response, context in attempts:
+        users: list[str | None] = []
+        for raw_user, _, _ in attempts:
             try:
-                user = canonical_user(raw_user, self.settings.usernames)
-                text, prehashed = self._prepare(user, response)
+                users.append(canonical_user(raw_user, self.settings.usernames))
+            except Exception:
+                users.append(None)  # refused again below, with its reason
+        try:
+            backup_sets: dict[str, tuple[bytes, int]] | None = self.store().backup_sets([u for u in users if u])
+        except Exception:
+            backup_sets = None  # each attempt reads its own below, and fails on its own if it must
+        for (raw_user, response, context), known in zip(attempts, users, strict=True):
+            try:
+                user = known if known is not None else canonical_user(raw_user, self.settings.usernames)
+                text, prehashed = self._prepare(user, response, backup_sets)
                 prepared.append((user, text, prehashed, context, None))
             except InvalidUserName as exc:
                 refused = Decision(Result.ERROR, f"refused user name: {exc}", None)
@@ -168,6 +186,7 @@ class Verifier:
         decisions: list[Decision] = []
         try:
             with self.store().transaction() as tx:
+                tx.prefetch([item[0] for item in prepared if item[0] is not None])
                 for batch_user, text, prehashed, context, early in prepared:
                     if early is not None or batch_user is None:
                         decision = early or Decision(Result.ERROR, "error", None)

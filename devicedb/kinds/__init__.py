@@ -40,9 +40,18 @@ class Match:
     note: dict[str, int | float | None] | None = None
 
 
+_LOADED: dict[str, ModuleType] = {}
+
+
 def get_kind(name: str) -> ModuleType | None:
+    loaded = _LOADED.get(name)
+    if loaded is not None:
+        return loaded
     module = _MODULES.get(name)
-    return importlib.import_module(module) if module else None
+    if module is None:
+        return None
+    loaded = _LOADED[name] = importlib.import_module(module)
+    return loaded
 
 
 def is_digit_code(code: str, length: int) -> bool:

@@ -14,7 +14,7 @@ from typing import Any
 
 from devicedb.errors import InvalidInput
 from devicedb.kinds import Match, is_digit_code
-from devicedb.kinds.totp import ALGORITHMS, otp
+from devicedb.kinds.totp import ALGORITHMS, codes, otp
 from devicedb.models import Advance, Device
 
 KIND = "hotp"
@@ -65,7 +65,7 @@ def match(device: Device, secret: bytes, code: str, now: float, window: int) -> 
     algorithm = device.algorithm or "sha1"
     if not is_digit_code(code, digits) or algorithm not in ALGORITHMS:
         return None
-    generator = otp(secret, digits, algorithm)
+    generator = codes(secret, digits, algorithm)
     wanted = code.encode("ascii")
     expected = device.next_counter or 0
     look_ahead = int(device.params.get("look_ahead", DEFAULT_LOOK_AHEAD))
@@ -93,7 +93,7 @@ def find_consecutive(device: Device, secret: bytes, first: str, second: str) -> 
     algorithm = device.algorithm or "sha1"
     if not (is_digit_code(first, digits) and is_digit_code(second, digits)):
         return None
-    generator = otp(secret, digits, algorithm)
+    generator = codes(secret, digits, algorithm)
     expected = device.next_counter or 0
     for counter in _matching(generator, first.encode("ascii"), expected, expected + ADMIN_RESYNC_WINDOW):
         if hmac.compare_digest(generator.generate_otp(counter + 1).encode("ascii"), second.encode("ascii")):
