@@ -143,6 +143,7 @@ class RadiusSettings:
     state_lifetime: int = 60
     duplicate_cache_seconds: int = 30
     threads: int = 8
+    workers: int = 1
     clients: tuple[RadiusClient, ...] = ()
 
 
@@ -507,6 +508,7 @@ _SPEC = _Section(
                 "state_lifetime": _Field(_int_range(10, 600), "seconds an Access-Challenge State stays valid"),
                 "duplicate_cache_seconds": _Field(_int_range(1, 300), "seconds a reply is kept for retransmissions"),
                 "threads": _Field(_int_range(1, 64), "threads that run first-factor (PAM) checks"),
+                "workers": _Field(_int_range(1, 64), "processes that share the listening sockets"),
                 "clients": _Field(_radius_clients, "the RADIUS clients (NAS) allowed to send requests", node=True),
             },
         ),

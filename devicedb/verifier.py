@@ -55,6 +55,15 @@ def describe_error(exc: BaseException) -> str:
     return f"error: {type(exc).__name__}"
 
 
+def _backup_shaped(response: object) -> bool:
+    """Whether a response could be a backup code of either length (and so needs its user's set)."""
+    if isinstance(response, bytes):
+        response = response.decode("utf-8", errors="replace")
+    if not isinstance(response, str) or len(response) > MAX_RESPONSE_CHARS:
+        return False
+    return bool(backup_codes.normalise(response) or backup_codes.normalise(response, backup_codes.LEGACY_DIGITS))
+
+
 class Verifier:
     def __init__(
         self,
@@ -87,6 +96,10 @@ class Verifier:
         try:
             rules = self.settings.enforcement
             exempt = is_exempt(user, rules, self.settings.usernames)
+            grace = None if exempt else grace_applies(user, rules, self.settings.usernames, self.clock())
+            if not exempt and not grace:
+                # Settings alone decide: no transaction, no audit row (the verification that follows writes one).
+                return RequirementDecision(Requirement.REQUIRED, "second factor required", user)
             with self.store().transaction() as tx:
                 if exempt:
                     tx.audit("auth", user, context, reason=f"exempt: {exempt}")
@@ -168,8 +181,10 @@ class Verifier:
                 users.append(canonical_user(raw_user, self.settings.usernames))
             except Exception:
                 users.append(None)  # refused again below, with its reason
+        # Only a response shaped like a backup code (of either length) needs its user's set.
+        shaped = [u for u, (_, response, _) in zip(users, attempts, strict=True) if u and _backup_shaped(response)]
         try:
-            backup_sets: dict[str, tuple[bytes, int]] | None = self.store().backup_sets([u for u in users if u])
+            backup_sets: dict[str, tuple[bytes, int]] | None = self.store().backup_sets(shaped) if shaped else {}
         except Exception:
             backup_sets = None  # each attempt reads its own below, and fails on its own if it must
         for (raw_user, response, context), known in zip(attempts, users, strict=True):

@@ -13,12 +13,14 @@ import socket
 import stat
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from devicedb import Settings, Store, Verifier, load_settings
 from devicedb.errors import ConfigError, MfaguardError, UnsafePathError
 from radius_server import protocol as p
 from radius_server.firstfactor import FirstFactor, check_service
 from radius_server.server import ClientTable, RadiusServer, bind_socket, build_clients
+from radius_server.workers import Worker, supervise
 
 log = logging.getLogger("mfa-radiusd")
 
@@ -71,9 +73,11 @@ def log_to_file(settings: Settings) -> None:
     logging.getLogger().addHandler(handler)  # the core's "mfaguard" logger too
 
 
-def open_verifier(settings: Settings) -> Verifier:
+def open_verifier(settings: Settings, worker: Worker | None = None) -> Verifier:
     """A Verifier whose store opens now, so that a missing or unsafe database stops the start."""
     store = Store.open(settings)
+    if worker is not None:
+        store.write_gate = worker.gate
     return Verifier(settings, store=store)
 
 
@@ -101,22 +105,26 @@ class PortInUse(Exception):
     pass
 
 
-async def serve(path: str, loaded: Loaded, types: p.AttributeTypes, sockets: list[socket.socket]) -> int:
+async def serve(
+    path: str, loaded: Loaded, types: p.AttributeTypes, sockets: list[socket.socket], worker: Worker | None = None
+) -> int:
     loop = asyncio.get_running_loop()
-    verifier = open_verifier(loaded.settings)
-    server = RadiusServer(loaded.settings, loaded.clients, types, loaded.first_factor, verifier)
+    verifier = open_verifier(loaded.settings, worker)
+    server = RadiusServer(loaded.settings, loaded.clients, types, loaded.first_factor, verifier, worker)
     await server.start(sockets)
     stop = asyncio.Event()
 
     def reload() -> None:
         try:
             new = load(path, types)
-            new_verifier = open_verifier(new.settings)
+            new_verifier = open_verifier(new.settings, worker)
         except (MfaguardError, OSError) as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             return
         if new.settings.radius.listen != server.settings.radius.listen:
             log.warning("radius.listen changed: restart mfa-radiusd to listen on the new addresses")
+        if new.settings.radius.workers != loaded.settings.radius.workers:
+            log.warning("radius.workers changed: restart mfa-radiusd to run another number of workers")
         server.reload(new.settings, new.clients, new.first_factor, new_verifier)
         log.info("reloaded %s: %d clients", path, len(new.settings.radius.clients))
 
@@ -127,7 +135,8 @@ async def serve(path: str, loaded: Loaded, types: p.AttributeTypes, sockets: lis
         f"[{h}]:{s.getsockname()[1]}" if ":" in h else f"{h}:{s.getsockname()[1]}"
         for (h, _), s in zip(loaded.settings.radius.listen, sockets, strict=True)
     )
-    log.info("mfa-radiusd %d listening on %s (%d clients)", os.getpid(), shown, len(loaded.settings.radius.clients))
+    who = f"worker {worker.index + 1} of {worker.count}" if worker is not None else "mfa-radiusd"
+    log.info("%s (pid %d) listening on %s (%d clients)", who, os.getpid(), shown, len(loaded.settings.radius.clients))
     await stop.wait()
     log.info("stopping")
     await server.stop()
@@ -175,6 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency
         runner = asyncio.run
     try:
+        if loaded.settings.radius.workers > 1:
+            open_verifier(loaded.settings).close()  # a database that cannot open stops the start here
+            # The database is opened by each worker after the fork: a connection never crosses one.
+            return supervise(
+                loaded.settings.radius.workers,
+                lambda worker: _run_worker(runner, args.config, loaded, types, sockets, worker),
+            )
         return runner(serve(args.config, loaded, types, sockets))
     except MfaguardError as exc:
         log.error("%s", exc)
@@ -183,6 +199,16 @@ def main(argv: list[str] | None = None) -> int:
         for sock in sockets:
             with contextlib.suppress(OSError):
                 sock.close()
+
+
+def _run_worker(
+    runner: Any, path: str, loaded: Loaded, types: p.AttributeTypes, sockets: list[socket.socket], worker: Worker
+) -> int:
+    try:
+        return int(runner(serve(path, loaded, types, sockets, worker)))
+    except MfaguardError as exc:
+        log.error("worker %d: %s", worker.index + 1, exc)
+        return EXIT_DATABASE
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -107,6 +107,23 @@ def header(data: bytes) -> tuple[int, int, int]:
     return code, ident, length
 
 
+def first_attribute(data: bytes, wanted: int) -> bytes | None:
+    """The value of the first attribute of type ``wanted``, found without a full parse (to route a
+    request to its worker); None when there is none or the attribute list is malformed."""
+    end = len(data)
+    if end < MIN_PACKET or int.from_bytes(data[2:4], "big") != end:
+        return None
+    i = 20
+    while i + 2 <= end:
+        kind, length = data[i], data[i + 1]
+        if length < 2 or i + length > end:
+            return None
+        if kind == wanted:
+            return data[i + 2 : i + length]
+        i += length
+    return None
+
+
 def parse(data: bytes, types: AttributeTypes) -> Request:
     """Parse a whole datagram strictly. Raises Malformed."""
     size = len(data)

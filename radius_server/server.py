@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from devicedb import PUBLIC_FAILURE_MESSAGE, Context, Decision, Requirement, Verifier
-from devicedb.models import ONLY_SECURITY_KEYS
+from devicedb.models import ONLY_SECURITY_KEYS, RequirementDecision
 from devicedb.settings import RadiusClient, Settings
 from devicedb.usernames import canonical_user, safe_display
 from radius_server import protocol as p
 from radius_server.firstfactor import FirstFactor
+from radius_server.workers import Worker
 
 log = logging.getLogger("mfa-radiusd")
 
@@ -188,6 +189,16 @@ class DatabaseThread:
                 if job.kind == "verify":
                     verify.append(job)
                     continue
+                if job.kind == "otp":
+                    # otp-only: the requirement, then (when a code is required) the verification in
+                    # this same group commit: one trip to this thread per request.
+                    user_name, _, context = job.args
+                    requirement = self.verifier.requirement(user_name, context)
+                    if requirement.requirement is Requirement.REQUIRED:
+                        verify.append(job)
+                    else:
+                        results.append((job.future, requirement, None))
+                    continue
                 self._flush(verify, results)
                 verify = []
                 try:
@@ -237,8 +248,9 @@ class DatabaseThread:
 
 
 class _Protocol(asyncio.DatagramProtocol):
-    def __init__(self, server: RadiusServer) -> None:
+    def __init__(self, server: RadiusServer, index: int) -> None:
         self.server = server
+        self.index = index  # which listening socket: a handed-over request is answered through the same one
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -279,7 +291,10 @@ class RadiusServer:
         types: p.AttributeTypes,
         first_factor: FirstFactor,
         verifier: Verifier,
+        worker: Worker | None = None,
     ) -> None:
+        self.worker = worker
+        self.protocols: list[_Protocol] = []
         self.settings = settings
         self.clients = clients
         self.types = types
@@ -300,9 +315,13 @@ class RadiusServer:
 
     # -- life cycle ----------------------------------------------------------------
     async def start(self, sockets: list[socket.socket]) -> None:
-        for sock in sockets:
-            transport, _ = await self.loop.create_datagram_endpoint(lambda: _Protocol(self), sock=sock)
+        for index, sock in enumerate(sockets):
+            proto = _Protocol(self, index)
+            transport, _ = await self.loop.create_datagram_endpoint(lambda proto=proto: proto, sock=sock)
             self.transports.append(transport)
+            self.protocols.append(proto)
+        if self.worker is not None:
+            self.loop.add_reader(self.worker.inbox.fd, self._read_inbox)
         self._housekeeping = self.loop.call_later(1.0, self._housekeep)
 
     def reload(self, settings: Settings, clients: ClientTable, first_factor: FirstFactor, verifier: Verifier) -> None:
@@ -317,6 +336,8 @@ class RadiusServer:
             old_pool.shutdown(wait=False)
 
     async def stop(self, grace: float = 5.0) -> None:
+        if self.worker is not None:
+            self.loop.remove_reader(self.worker.inbox.fd)
         for transport in self.transports:
             transport.close()
         if self._housekeeping is not None:
@@ -340,7 +361,34 @@ class RadiusServer:
         self._housekeeping = self.loop.call_later(1.0, self._housekeep)
 
     # -- datagrams -------------------------------------------------------------------
-    def datagram(self, data: bytes, addr: tuple[Any, ...], proto: _Protocol) -> None:
+    def _read_inbox(self) -> None:
+        """Requests other workers read for this one (its users)."""
+        assert self.worker is not None
+        for sock_index, addr, data in self.worker.inbox.read():
+            if 0 <= sock_index < len(self.protocols):
+                try:
+                    self.datagram(data, addr, self.protocols[sock_index], handed_over=True)
+                except Exception:  # never raise out of the handler
+                    log.exception("internal error handling a datagram from %s", addr[0])
+
+    def _hand_over(self, data: bytes, addr: tuple[Any, ...], proto: _Protocol) -> bool:
+        """Give an Access-Request to the worker its User-Name belongs to. False: serve it here."""
+        assert self.worker is not None
+        name = p.first_attribute(data, p.USER_NAME)
+        if name is None:
+            return False  # malformed or nameless: dropped or refused here, whoever would own it
+        router = self.worker.router
+        owner = router.owner(name)
+        if owner == router.index:
+            return False
+        handed = router.hand_over(owner, proto.index, addr, data)
+        if handed is None:
+            return False  # too large for an atomic hand-over (near 4 KiB): served where it was read
+        if not handed:
+            self.ratelog.warning("handover", "worker %d is not keeping up; dropped a request for it", owner)
+        return True
+
+    def datagram(self, data: bytes, addr: tuple[Any, ...], proto: _Protocol, handed_over: bool = False) -> None:
         host, port = addr[0], addr[1]
         client = self.clients.lookup(host)
         if client is None:
@@ -352,6 +400,13 @@ class RadiusServer:
         code = data[0]
         if code != p.ACCESS_REQUEST and code != p.STATUS_SERVER:
             self.ratelog.warning(f"code:{host}", "dropped a packet with code %d from %s", code, client.conf.name)
+            return
+        if (
+            self.worker is not None
+            and not handed_over
+            and code == p.ACCESS_REQUEST
+            and self._hand_over(data, addr, proto)
+        ):
             return
         key = (host, port, data[1], data[4:20])
         if key in self.cache:
@@ -523,10 +578,10 @@ class RadiusServer:
         return await self.loop.run_in_executor(self.pam_pool, ff.check, user, password)
 
     async def _otp_only(self, user_name: bytes, code: str, context: Context) -> Reply:
-        if await self._requirement(user_name, context) is not Requirement.REQUIRED:
-            return (p.ACCESS_ACCEPT, [])
-        decision: Decision = await self.db.submit("verify", user_name, code, context)
-        return self._reply_for(decision)
+        outcome: Decision | RequirementDecision = await self.db.submit("otp", user_name, code, context)
+        if isinstance(outcome, RequirementDecision):
+            return (p.ACCESS_ACCEPT, [])  # exempt, or in enrollment grace: no code asked (audited by the core)
+        return self._reply_for(outcome)
 
     async def _append(self, user_name: bytes, typed: str, client: Client, context: Context) -> Reply:
         reject = (p.ACCESS_REJECT, [(p.REPLY_MESSAGE, PUBLIC_FAILURE_MESSAGE.encode())])

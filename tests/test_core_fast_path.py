@@ -115,3 +115,12 @@ def test_an_audit_row_rolled_back_with_its_savepoint_leaves_the_chain_whole(stor
     assert reasons == ["kept before", "kept after"]
     report = store.verify_audit()
     assert report.ok, report
+
+
+def test_backup_codes_in_a_batch_as_bytes_and_with_a_dash(store: Store, verifier: Verifier, enroll: Enroll) -> None:
+    enroll(store, "alice", SEED)
+    codes = DeviceManager(store).generate_backup_codes("alice", CTX)
+    assert all("-" in c for c in codes)  # shown as two groups of five
+    decisions = verifier.verify_batch([("alice", codes[0].encode(), CTX), ("alice", codes[1].replace("-", ""), CTX)])
+    assert [d.result for d in decisions] == [Result.ACCEPTED, Result.ACCEPTED]
+    assert store.backup_codes_left("alice") == len(codes) - 2
