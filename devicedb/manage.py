@@ -7,12 +7,14 @@ row in one transaction, or changes nothing.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from devicedb import backup_codes
 from devicedb.errors import InvalidInput, LockoutGuardError
 from devicedb.importers.google_authenticator import GoogleAuthenticatorFile
+from devicedb.importers.pam_u2f import AuthFile, U2fCredential
 from devicedb.kinds import hotp, totp, yubico
 from devicedb.models import Context, Device, LockState, Requirement
 from devicedb.policy import grace_applies, is_exempt
@@ -38,6 +40,32 @@ def add_device(
         detail={"kind": fields["kind"], **detail},
     )
     return device_id
+
+
+@dataclass(frozen=True)
+class PamU2fImport:
+    """What `migrate pam-u2f` did (or, in a dry run, would do)."""
+
+    added: list[Device]  # in a dry run: the devices as they would be (their ids are not kept)
+    skipped: list[str]  # credentials already enrolled for the same user
+    notes: list[str]  # how pam_u2f's settings map
+    dry_run: bool
+
+
+class _DryRunDone(Exception):
+    def __init__(self, result: PamU2fImport) -> None:
+        super().__init__("dry run")
+        self.result = result
+
+
+def _in_passwd(user: str) -> bool:
+    import pwd
+
+    try:
+        pwd.getpwnam(user)
+    except KeyError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -259,12 +287,20 @@ class DeviceManager:
         uv: str = "preferred",
         resident: bool = False,
         rp_id: str | None = None,
+        pin: Callable[[], str | None] | None = None,
+        touch: Callable[[], None] | None = None,
     ) -> Device:
         """Register a credential on a FIDO2 key attached to this machine (a fido2 CtapDevice), through
-        fido2's own CTAP2 client, and store its id, COSE public key, AAGUID and sign count."""
+        fido2's own CTAP2 client, and store its id, COSE public key, AAGUID and sign count.
+
+        A key with a PIN set (getInfo clientPin) needs it to register: ``pin`` is asked for it (only
+        then), and the credential is made with a pinUvAuthToken limited to makeCredential and this
+        RP. A wrong PIN raises fido2_key.PinRejected with the retries the key reports. ``touch`` is
+        called just before the key waits for its touch. Nothing is stored unless the key answered."""
         import secrets as random
 
         from fido2 import cbor
+        from fido2.ctap import CtapError
         from fido2.ctap2.base import Ctap2
         from fido2.webauthn import AuthenticatorData
 
@@ -274,28 +310,91 @@ class DeviceManager:
             raise InvalidInput(f"--uv {uv!r} is not allowed; use one of {', '.join(fido2_key.UV_POLICIES)}")
         user = self.canonical(raw_user)
         rp = rp_id or self.settings.fido.rp_id or fido2_key.default_rp_id()
-        options = {"rk": resident, **({"uv": True} if uv == "required" else {})}
         challenge = random.token_bytes(32)
-        response = Ctap2(device).make_credential(
-            fido2_key.client_data_hash(challenge, rp),
-            {"id": rp, "name": "mfaguard"},
-            {"id": user.encode()[:64], "name": user},
-            [{"type": "public-key", "alg": -7}],
-            options=options,
-        )
+        client_data = fido2_key.client_data_hash(challenge, rp)
+        try:
+            ctap = Ctap2(device)
+        except (CtapError, OSError, ValueError):
+            raise InvalidInput(
+                "the key does not answer CTAP2 (a U2F-only key, or it was unplugged); nothing was stored"
+            ) from None
+        key = fido2_key.key_options(ctap)
+        options: dict[str, bool] = {"rk": resident}
+        pin_uv: fido2_key.PinUv | None = None
+        if key.get("clientPin") is True:
+            # A key with a PIN wants it for makeCredential (CTAP 2.0, and 2.1 without makeCredUvNotRqd).
+            text = pin() if pin is not None else None
+            if not text:
+                raise InvalidInput("the key has a PIN, and no PIN was given; nothing was stored")
+            try:
+                pin_uv = fido2_key.pin_auth(ctap, text, "make_credential", rp, client_data)
+            except (CtapError, OSError) as exc:
+                why = f"CTAP error {exc.code}" if isinstance(exc, CtapError) else str(exc)
+                raise InvalidInput(f"the key failed during the PIN exchange ({why}); nothing was stored") from None
+            finally:
+                del text
+            how = "pin"
+        elif uv == "required":
+            if key.get("uv") is True:
+                options["uv"] = True
+                how = "built-in"
+            elif "clientPin" in key:
+                raise InvalidInput(
+                    "--uv required, but the key has no PIN set and no built-in user verification: set a PIN on "
+                    "the key first (for example `ykman fido access change-pin` or `fido2-token -S DEVICE`), then "
+                    "run this again; nothing was stored"
+                )
+            else:
+                raise InvalidInput(
+                    "--uv required, but the key can verify nobody (it supports no PIN and has no built-in user "
+                    "verification); use another key, or --uv preferred; nothing was stored"
+                )
+        else:
+            how = "none"
+        if touch is not None:
+            touch()
+        try:
+            response = ctap.make_credential(
+                client_data,
+                {"id": rp, "name": "mfaguard"},
+                {"id": user.encode()[:64], "name": user},
+                [{"type": "public-key", "alg": -7}],
+                options=options,
+                pin_uv_param=pin_uv.param if pin_uv else None,
+                pin_uv_protocol=pin_uv.protocol if pin_uv else None,
+            )
+        except OSError as exc:
+            raise InvalidInput(f"the key went away while registering ({exc}); nothing was stored") from None
+        except CtapError as exc:
+            reasons = {
+                CtapError.ERR.PUAT_REQUIRED: "the key wants its PIN for this (set one, or check that it is set)",
+                CtapError.ERR.PIN_AUTH_INVALID: "the key did not accept the PIN token",
+                CtapError.ERR.OPERATION_DENIED: "the key refused (not touched, or the user declined)",
+                CtapError.ERR.KEEPALIVE_CANCEL: "cancelled",
+                CtapError.ERR.ACTION_TIMEOUT: "the key was not touched in time",
+                CtapError.ERR.USER_ACTION_TIMEOUT: "the key was not touched in time",
+                CtapError.ERR.UNSUPPORTED_OPTION: "the key does not support an option asked for",
+                CtapError.ERR.INVALID_OPTION: "the key does not support an option asked for",
+            }
+            why = reasons.get(exc.code, f"CTAP error {exc.code}")
+            raise InvalidInput(f"the key did not register a credential: {why}; nothing was stored") from None
         data = AuthenticatorData(response.auth_data)
         credential = data.credential_data
         if credential is None:
             raise InvalidInput("the key returned no credential")
-        if uv == "required" and not data.is_user_verified():
-            raise InvalidInput("--uv required, but the key did not verify the user (set a PIN on it first)")
+        if (uv == "required" or pin_uv is not None) and not data.is_user_verified():
+            raise InvalidInput(
+                "the key did not report user verification"
+                + (" although it took the PIN" if pin_uv is not None else " (set a PIN on it first)")
+                + "; nothing was stored"
+            )
         with self.store.transaction() as tx:
             device_id = add_device(
                 tx,
                 self.settings,
                 context,
                 reason="active",
-                detail={"rp_id": rp, "uv": uv},
+                detail={"rp_id": rp, "uv": uv, "enrollment_uv": how},
                 user=user,
                 kind=fido2_key.KIND,
                 label=label or "FIDO2 key",
@@ -310,6 +409,9 @@ class DeviceManager:
                     "rp_id": rp,
                     "uv": uv,
                     "resident": resident,
+                    # How the user was verified when the key registered: its PIN, its built-in UV, or not at all.
+                    "enrollment_uv": how,
+                    "user_verified": data.is_user_verified(),
                 },
             )
             return tx.device(user, device_id)
@@ -455,6 +557,152 @@ class DeviceManager:
                 mapping.append("the steps DISALLOW_REUSE lists as used stay used")
             device = tx.device(user, device_id)
         return device, mapping
+
+    def migrate_pam_u2f(
+        self,
+        authfile: AuthFile,
+        context: Context,
+        *,
+        where: str,
+        rp_id: str | None = None,
+        require_uv: bool = False,
+        only_user: str | None = None,
+        dry_run: bool = False,
+        user_exists: Callable[[str], bool] = _in_passwd,
+    ) -> PamU2fImport:
+        """A pam_u2f authfile's credentials become FIDO2 devices, all in one transaction or none.
+
+        Every problem is collected and raised together as AuthFileError, each named by its line: a
+        user name that is invalid, unknown to this system (``user_exists``) or not ``only_user`` (a
+        file owned by that user), a credential twice in the file or enrolled for another user, a user
+        whose devices would exceed max_devices. A credential the same user already has is skipped and
+        reported. A dry run does all of it, then rolls back."""
+        from fido2 import cbor
+
+        from devicedb.errors import DuplicateDeviceError, InvalidUserName
+        from devicedb.importers.pam_u2f import AuthFileError
+        from devicedb.kinds import fido2_key
+
+        rp = rp_id or fido2_key.default_rp_id()
+        if not rp or len(rp) > 255 or not rp.isprintable() or rp != rp.strip():
+            raise InvalidInput(f"--origin {rp!r} is not 1-255 printable characters")
+        problems: list[str] = list(authfile.problems)
+        notes = [
+            f"line {line} ({user}): not imported: pam_u2f reads only the last line of a user"
+            for line, user in authfile.superseded
+        ]
+        owners: dict[bytes, str] = {}
+        plan: dict[str, list[U2fCredential]] = {}
+        for cred in authfile.credentials:
+            try:
+                user = self.canonical(cred.user)
+            except InvalidUserName as exc:
+                problems.append(f"line {cred.line}: user name {cred.user!r} is refused: {exc}")
+                continue
+            if only_user is not None and cred.user != only_user:
+                problems.append(
+                    f"line {cred.line}: the file is owned by {only_user}, so pam_u2f would not use it for "
+                    f"{cred.user!r}; only root's files may name other users"
+                )
+                continue
+            if not user_exists(cred.user):
+                problems.append(f"line {cred.line}: user {cred.user!r} is unknown to this system (not in passwd)")
+                continue
+            first = owners.setdefault(cred.credential_id, cred.where)
+            if first != cred.where:
+                problems.append(f"{cred.where}: the same credential as {first}")
+                continue
+            plan.setdefault(user, []).append(cred)
+        skipped: list[str] = []
+        added: list[Device] = []
+        try:
+            with self.store.transaction() as tx:
+                todo: list[tuple[str, U2fCredential]] = []
+                for user, creds in plan.items():
+                    existing = tx.devices(user)
+                    have = {
+                        fido2_key.credential_id(d)
+                        for d in existing
+                        if d.kind == fido2_key.KIND and d.params.get("credential_id")
+                    }
+                    new = []
+                    for cred in creds:
+                        if cred.credential_id in have:
+                            skipped.append(f"{cred.where} ({user}): already enrolled for {user}; skipped")
+                        else:
+                            new.append(cred)
+                    room = self.settings.max_devices - len(existing)
+                    if len(new) > room:
+                        lines = ", ".join(sorted({str(c.line) for c in new}))
+                        problems.append(
+                            f"line {lines} ({user}): {user} has {len(existing)} device(s), and {len(new)} more would "
+                            f"exceed max_devices = {self.settings.max_devices}; remove devices first, or import fewer"
+                        )
+                        continue
+                    todo += [(user, cred) for cred in new]
+                if problems:
+                    raise AuthFileError(where, problems)
+                for user, cred in todo:
+                    uv = "required" if cred.uv_required or require_uv else "discouraged"
+                    try:
+                        device_id = add_device(
+                            tx,
+                            self.settings,
+                            context,
+                            reason="migrated from pam_u2f",
+                            detail={"rp_id": rp, "uv": uv, "line": cred.line, "cose_type": cred.cose_type},
+                            user=user,
+                            kind=fido2_key.KIND,
+                            label=f"pam_u2f key {cred.index}",
+                            secret=None,
+                            fingerprint_domain=fido2_key.FINGERPRINT_DOMAIN,
+                            fingerprint_material=cred.credential_id,
+                            sign_count=0,
+                            params={
+                                "credential_id": fido2_key.b64(cred.credential_id),
+                                "public_key": fido2_key.b64(cbor.encode(cred.cose_key)),
+                                "rp_id": rp,
+                                "uv": uv,
+                                "resident": False,
+                                "cose_type": cred.cose_type,
+                                "migrated": "pam-u2f",
+                                "pam_u2f_options": "".join(cred.options),
+                            },
+                        )
+                    except DuplicateDeviceError:
+                        problems.append(f"{cred.where} ({user}): this credential is already enrolled for another user")
+                        continue
+                    added.append(tx.device(user, device_id))
+                if problems:
+                    raise AuthFileError(where, problems)
+                result = PamU2fImport(added, skipped, notes + self._pam_u2f_notes(authfile, rp, require_uv), dry_run)
+                if dry_run:
+                    raise _DryRunDone(result)
+        except _DryRunDone as done:
+            return done.result
+        return result
+
+    def _pam_u2f_notes(self, authfile: AuthFile, rp: str, require_uv: bool) -> list[str]:
+        options = {o for c in authfile.credentials for o in c.options}
+        notes = [f"RP id {rp}: the origin the keys were registered for (pam_u2f's origin=)"]
+        configured = self.settings.fido.rp_id
+        if configured and configured != rp:
+            notes.append(
+                f"fido.rp_id is {configured}: keys enrolled here later use that RP id, and a user's login asks "
+                "the key for one RP id at a time"
+            )
+        if require_uv:
+            notes.append("--require-uv: every imported key needs user verification (PIN) at login")
+        if "+pin" in options or "+verification" in options:
+            notes.append("+pin, +verification -> uv required: the key's PIN (or built-in verification) at login")
+        if any(not c.uv_required for c in authfile.credentials) and not require_uv:
+            notes.append("no +pin/+verification -> uv discouraged: a touch, as pam_u2f's default asked")
+        if any("+presence" not in c.options for c in authfile.credentials):
+            notes.append("no +presence -> mfaguard asks for a touch anyway (it always requires user presence)")
+        if any(c.old_format for c in authfile.credentials):
+            notes.append("pam_u2f 1.0 lines (hex public key): read as es256 with +presence")
+        notes.append("sign counts start at 0; the first login moves them to the key's count")
+        return notes
 
     def discard_pending(self, raw_user: str, device_id: int, context: Context) -> bool:
         """Remove an enrollment that was never confirmed. False if it is no longer pending."""

@@ -474,6 +474,21 @@ class Verifier:
             log.exception("fido2 verification failed")
             return self._error(None, context, describe_error(exc))
 
+    def record_fido_failure(self, raw_user: str | bytes, context: Context, reason: str) -> Decision:
+        """A FIDO2 attempt that failed before any assertion reached the core, such as a wrong PIN: a
+        failed attempt like a wrong code, on the same path (lockout first, the shared failure counter,
+        the audit row). ``reason`` must hold no PIN."""
+        try:
+            user = canonical_user(raw_user, self.settings.usernames)
+            with self.store().transaction() as tx:
+                if tx.lock_state(user).locked_at(tx.now):
+                    tx.audit("auth", user, context, reason="locked")
+                    return Decision(Result.LOCKED, "locked", user)
+                return self._fail(tx, user, context, Result.BAD_CODE, f"fido2: {reason}")
+        except Exception as exc:
+            log.exception("recording a failed fido2 attempt failed")
+            return self._error(None, context, describe_error(exc))
+
     def record_abandoned(self, raw_user: str | bytes, context: Context, reason: str) -> Decision:
         """An attempt that never reached a code (empty answer, conversation error, missing phase).
 

@@ -318,6 +318,7 @@ class App:
 
     def cmd_enroll_fido(self) -> int:
         a = self.args
+        from devicedb.kinds import fido2_key
         from pam_module.fido import attached_keys
 
         keys = attached_keys()
@@ -325,11 +326,37 @@ class App:
             raise CliError(
                 "no FIDO2 key found on this machine's USB; plug one in and run the command again", EXIT_REFUSED
             )
-        self.say("Touch your security key (enter its PIN first if it asks)...")
-        device = DeviceManager(self.store).enroll_fido(
-            a.user, keys[0], admin_context(), label=a.label, uv=a.uv, resident=a.resident, rp_id=a.rp_id
+
+        def ask_pin() -> str | None:
+            # Asked only when the key has a PIN. Never an argument, never logged or echoed.
+            if a.pin_stdin:
+                return sys.stdin.readline().rstrip("\r\n") or None
+            try:
+                return getpass.getpass("PIN of the security key: ")
+            except EOFError:
+                return None
+
+        try:
+            device = DeviceManager(self.store).enroll_fido(
+                a.user,
+                keys[0],
+                admin_context(),
+                label=a.label,
+                uv=a.uv,
+                resident=a.resident,
+                rp_id=a.rp_id,
+                pin=ask_pin,
+                touch=lambda: self.say("Touch your security key..."),
+            )
+        except fido2_key.PinRejected as exc:
+            raise CliError(f"{exc}; nothing was stored", EXIT_REJECTED) from None
+        how = {"pin": "the key's PIN", "built-in": "the key's built-in verification"}.get(
+            str(device.params.get("enrollment_uv")), "none"
         )
-        self.say(f"Device {device.id} ({device.label}) is active for {device.user}: {_device_params(device)}.")
+        self.say(
+            f"Device {device.id} ({device.label}) is active for {device.user}: {_device_params(device)}; "
+            f"user verified at enrollment: {how}."
+        )
         return EXIT_OK
 
     def cmd_authorized_keys(self) -> int:
@@ -667,6 +694,57 @@ class App:
         self.say("the original file is left as it was; remove pam_google_authenticator from the PAM stacks")
         return EXIT_OK
 
+    def cmd_migrate_pam_u2f(self) -> int:
+        from devicedb.importers import pam_u2f
+
+        a = self.args
+        opened = pam_u2f.read_authfile(a.file)
+        only_user: str | None = None
+        if opened.owner_uid not in {0, os.geteuid()}:
+            # pam_u2f itself uses a file owned by anyone else than root only for that owner's own logins.
+            try:
+                only_user = pwd.getpwuid(opened.owner_uid).pw_name
+            except KeyError:
+                raise CliError(
+                    f"{a.file} is owned by uid {opened.owner_uid}, which is no account; pam_u2f would not use it. "
+                    "Refused",
+                    EXIT_REFUSED,
+                ) from None
+        try:
+            result = DeviceManager(self.store).migrate_pam_u2f(
+                pam_u2f.parse(opened.data, a.file),
+                admin_context(),
+                where=a.file,
+                rp_id=a.origin,
+                require_uv=a.require_uv,
+                only_user=only_user,
+                dry_run=a.dry_run,
+            )
+        except pam_u2f.AuthFileError as exc:
+            self.err.write(f"mfa-admin: error: {printable(exc.where)}: nothing was stored; fix these and run again:\n")
+            for problem in exc.problems:
+                self.err.write(f"  {printable(problem)}\n")
+            return EXIT_REFUSED
+        verb = "would add" if result.dry_run else "added"
+        for device in result.added:
+            self.say(
+                f"{verb} {'a device' if result.dry_run else f'device {device.id}'} for {device.user}: "
+                f"{device.label}, {device.params.get('cose_type')}, {_device_params(device)}"
+            )
+        for line in result.skipped:
+            self.say(line)
+        for note in result.notes:
+            self.say(f"  {note}")
+        count = len(result.added)
+        if result.dry_run:
+            self.say(f"(dry run: {count} credential(s) would be imported; nothing was stored)")
+        else:
+            self.say(
+                f"{count} credential(s) imported from {a.file}; the file is left as it was. Remove pam_u2f from "
+                "the PAM stacks once mfaguard's are in place"
+            )
+        return EXIT_OK
+
     # -- PAM and doctor ----------------------------------------------------------------------
     def cmd_pam_install(self) -> int:
         from mfa_admin import pam_setup
@@ -989,6 +1067,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--resident", action="store_true", help="store a discoverable (resident) credential on the key")
     p.add_argument("--rp-id", help="the relying party id (default: pam://HOSTNAME; set one to share keys)")
+    p.add_argument(
+        "--pin-stdin",
+        action="store_true",
+        help="read the key's PIN from the first line of standard input instead of asking on the terminal "
+        "(for scripts; the PIN is only read when the key has one)",
+    )
+    p.epilog = (
+        "A key with a PIN set asks for it (on the terminal, echo off): the credential is registered with a\n"
+        "PIN token for makeCredential only. A wrong PIN exits 1 with the retries the key reports, and\n"
+        "nothing is stored. --uv required with a key that has no PIN set and no built-in verification is\n"
+        "refused: set a PIN on the key first.\n\n" + EXIT_CODES_HELP
+    )
     p = add(
         enroll_sub,
         "ssh-key",
@@ -1101,6 +1191,43 @@ def build_parser() -> argparse.ArgumentParser:
         "--replace-backup-codes",
         action="store_true",
         help="import the scratch codes even where the user has unused backup codes (those are voided)",
+    )
+
+    p = add(
+        migrate_sub,
+        "pam-u2f",
+        App.cmd_migrate_pam_u2f,
+        "import a pam_u2f authfile (pamu2fcfg lines) as FIDO2 devices: all of it or nothing",
+    )
+    p.add_argument(
+        "file", metavar="FILE", help="the authfile, such as /etc/u2f_mappings or ~USER/.config/Yubico/u2f_keys"
+    )
+    p.add_argument(
+        "--origin",
+        "--rp-id",
+        dest="origin",
+        metavar="ORIGIN",
+        help="the origin= of the pam_u2f line, which is the RP id the keys were registered for "
+        "(default: pam://HOSTNAME, pam_u2f's own default); recorded with each device",
+    )
+    p.add_argument(
+        "--require-uv",
+        action="store_true",
+        help="require user verification (the key's PIN) at login for every key, as pam_u2f's "
+        "userverification=1 or pinverification=1 did",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="check everything and print what would be imported; store nothing"
+    )
+    p.epilog = (
+        "Lines are USER:KEYHANDLE,PUBLICKEY,COSETYPE,OPTIONS[:...] (base64, es256/eddsa/rs256,\n"
+        "+presence/+verification/+pin), or pam_u2f 1.0's USER:KEYHANDLE,HEXKEY. +verification and +pin\n"
+        "become uv required; otherwise uv discouraged (pam_u2f asks for no PIN by default). Sign counts\n"
+        "start at 0. pam_u2f reads only a user's last line, and so does this. Every line that cannot be\n"
+        "imported is named (bad format, resident '*' credentials, unknown users, the device limit, a\n"
+        "credential of another user) and then nothing is stored; a credential the user already has is\n"
+        "skipped. The file must not be a symlink or writable by group or others; a file owned by a user\n"
+        "(not root) may only hold that user's lines.\n\n" + EXIT_CODES_HELP
     )
 
     pam = group("pam", "add mfaguard to a PAM stack, or take it out")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from devicedb.errors import ConfigError
-from devicedb.models import PUBLIC_FAILURE_MESSAGE, Context, Requirement
+from devicedb.models import PUBLIC_FAILURE_MESSAGE, Context, Requirement, Result
 from devicedb.settings import Settings, load_settings
 from devicedb.verifier import Verifier
 
@@ -147,7 +147,11 @@ def authenticate(pamh: Any, flags: int, argv: list[str]) -> int:
             log.info("%s: accepted %s (FIDO2 key, device %s)", context.service, decision.user, decision.device_id)
             return int(pamh.PAM_SUCCESS)
         if decision is not None:
+            log.info("%s: rejected %s (FIDO2 key): %s", context.service, decision.user, decision.reason)
             _say(pamh, pamh.PAM_ERROR_MSG, PUBLIC_FAILURE_MESSAGE)
+            if decision.result is Result.ERROR:
+                # An empty or aborted PIN answer, or a database error: the login ends, as at the code prompt.
+                return int(pamh.PAM_AUTH_ERR)
         if verifier.fido_required(context):
             # The core accepts no code at this service: asking for one would only mislead.
             if decision is None:
@@ -189,8 +193,16 @@ def _try_local_key(pamh: Any, verifier: Verifier, user: str, context: Context) -
         return None
     from pam_module import fido
 
+    def ask_pin(prompt: str) -> Any:
+        return pamh.conversation(pamh.Message(pamh.PAM_PROMPT_ECHO_OFF, prompt)).resp
+
     return fido.authenticate_with_key(
-        lambda text: _say(pamh, pamh.PAM_TEXT_INFO, text), verifier, user, context, fido.attached_keys()
+        lambda text: _say(pamh, pamh.PAM_TEXT_INFO, text),
+        verifier,
+        user,
+        context,
+        fido.attached_keys(),
+        ask_pin=ask_pin,
     )
 
 

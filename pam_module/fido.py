@@ -3,11 +3,19 @@
 fido2's import costs about 100 ms, so the adapter loads this module only when the core says the
 user has an enabled FIDO2 key. With a key attached, the user is told to touch it; the assertion is
 checked by the core. Without a key, or if it times out, the caller falls back to the code prompt.
+
+When the user's device requires user verification and the key's only verification is its PIN
+(clientPin set, no built-in UV), the module first checks silently (up=false, as pam_u2f does) that
+the key holds one of the user's credentials, then asks for the PIN (echo off), exchanges it for a
+pinUvAuthToken with the getAssertion permission for this RP, and sends pinUvAuthParam with the
+request. A wrong PIN is a failed attempt through the core (lockout counter, audit row); an empty or
+aborted answer ends the login, as at the code prompt.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from devicedb.kinds import fido2_key
@@ -15,6 +23,7 @@ from devicedb.models import Context, Decision
 from devicedb.verifier import Verifier
 
 TOUCH_PROMPT = "Touch your security key"
+PIN_PROMPT = "PIN for your security key: "
 TOUCH_SECONDS = 30.0
 
 
@@ -25,11 +34,57 @@ def attached_keys() -> list[Any]:
     return list(CtapHidDevice.list_devices())
 
 
+def _holds_credential(ctap: Any, rp_id: str, allow_list: list[Mapping[str, Any]]) -> bool:
+    """A silent pre-flight (up=false: no touch, no PIN): does this key hold one of the credentials?
+    Only a definite "no credentials" answer says no; a key that cannot do the probe is tried anyway."""
+    from fido2.ctap import CtapError
+
+    try:
+        ctap.get_assertion(rp_id, bytes(32), allow_list, options={"up": False})
+    except CtapError as exc:
+        return bool(exc.code != CtapError.ERR.NO_CREDENTIALS)
+    return True
+
+
+def _pin_step(
+    ask_pin: Callable[[str], Any],
+    ctap: Any,
+    verifier: Verifier,
+    user: str,
+    context: Context,
+    rp_id: str,
+    client_data: bytes,
+) -> fido2_key.PinUv | Decision:
+    """The pinUvAuthParam for this request, or the decision that ends the FIDO step: a wrong PIN
+    (a failed attempt, counted and audited by the core) or an empty or aborted answer (abandoned)."""
+    try:
+        answer = ask_pin(PIN_PROMPT)
+    except Exception as exc:
+        return verifier.record_abandoned(user, context, f"fido2 PIN: conversation error: {type(exc).__name__}")
+    if answer is None or not str(answer).strip():
+        return verifier.record_abandoned(user, context, "fido2 PIN: empty answer")
+    try:
+        return fido2_key.pin_auth(ctap, str(answer), "get_assertion", rp_id, client_data)
+    except fido2_key.PinRejected as exc:
+        return verifier.record_fido_failure(user, context, exc.audit_reason)
+    finally:
+        del answer
+
+
 def authenticate_with_key(
-    say: Any, verifier: Verifier, user: str, context: Context, keys: list[Any], timeout: float = TOUCH_SECONDS
+    say: Any,
+    verifier: Verifier,
+    user: str,
+    context: Context,
+    keys: list[Any],
+    timeout: float = TOUCH_SECONDS,
+    ask_pin: Callable[[str], Any] | None = None,
 ) -> Decision | None:
     """The core's decision on an assertion from the first attached key that holds one of the user's
-    credentials, or None when there is no such key (or no touch in time): the caller then asks for a code."""
+    credentials, or None when there is no such key (or no touch in time): the caller then asks for a code.
+
+    ``ask_pin(prompt)`` asks for a key's PIN with echo off; without it a key that needs its PIN is skipped.
+    A decision whose result is ERROR (an abandoned PIN prompt, a database error) ends the login."""
     from fido2.ctap import CtapError
     from fido2.ctap2.base import Ctap2
 
@@ -37,17 +92,43 @@ def authenticate_with_key(
     if request is None or not keys:
         return None
     rp_id, challenge, allowed, needs_uv = request
-    say(TOUCH_PROMPT)
+    client_data = fido2_key.client_data_hash(challenge, rp_id)
+    allow_list: list[Mapping[str, Any]] = [{"type": "public-key", "id": c} for c in allowed]
+    told = False
     for key in keys:
+        try:
+            ctap = Ctap2(key)
+        except (CtapError, OSError, ValueError):
+            continue  # not a CTAP2 key, or unplugged
+        options: dict[str, bool] | None = None
+        pin_uv: fido2_key.PinUv | None = None
+        if needs_uv:
+            if fido2_key.uses_pin(fido2_key.key_options(ctap)):
+                try:
+                    if ask_pin is None or not _holds_credential(ctap, rp_id, allow_list):
+                        continue
+                    step = _pin_step(ask_pin, ctap, verifier, user, context, rp_id, client_data)
+                except (CtapError, OSError, ValueError):
+                    continue  # the key failed or went away during the PIN exchange: try the next one
+                if isinstance(step, Decision):
+                    return step
+                pin_uv = step
+            else:
+                options = {"uv": True}  # built-in UV (a key with none refuses, and the next key is tried)
+        if not told:
+            say(TOUCH_PROMPT)
+            told = True
         event = threading.Event()
         cancel = threading.Timer(timeout, event.set)
         cancel.start()
         try:
-            response = Ctap2(key).get_assertion(
+            response = ctap.get_assertion(
                 rp_id,
-                fido2_key.client_data_hash(challenge, rp_id),
-                [{"type": "public-key", "id": c} for c in allowed],
-                options={"uv": True} if needs_uv else None,
+                client_data,
+                allow_list,
+                options=options,
+                pin_uv_param=pin_uv.param if pin_uv else None,
+                pin_uv_protocol=pin_uv.protocol if pin_uv else None,
                 event=event,
             )
         except (CtapError, OSError, ValueError):

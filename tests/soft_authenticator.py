@@ -1,12 +1,27 @@
 """A software FIDO2 authenticator behind fido2's CtapDevice interface, speaking CTAP2 CBOR.
 
-No USB key can exist on these machines (no /dev/uhid), so the real fido2 client code (Ctap2) talks
-to this: P-256 credentials, a settable sign counter, and switchable user presence and verification.
+No USB key can exist on these machines (no /dev/uhid), so the real fido2 client code (Ctap2,
+ClientPin) talks to this: P-256 credentials, a settable sign counter, switchable user presence and
+verification, and a real clientPin (CTAP 2.1 section 6.5): P-256 ECDH key agreement, PIN/UV
+protocols 1 and 2 (fido2's own PinProtocolV1/V2 do the KDF, AES-CBC and HMAC on this side too),
+getPinToken and getPinUvAuthTokenUsingPinWithPermissions, getPinRetries, a retry counter, the
+power-cycle block after three wrong PINs in a row, and verification of pinUvAuthParam in
+makeCredential and getAssertion with the errors a real key returns.
+
+Two kinds of key:
+
+- ``SoftAuthenticator()`` (no PIN): built-in user verification, as before; ``user_verified`` is its
+  verdict at every touch, whatever was asked.
+- ``SoftAuthenticator(pin="1234")``: a key whose only user verification is its PIN (like most
+  YubiKeys). The UV flag is set only after a valid pinUvAuthParam; the ``uv`` option is refused;
+  makeCredential without a pinUvAuthParam fails with PUAT_REQUIRED. ``pin=None, builtin_uv=False``
+  is such a key with no PIN set yet.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import secrets
 import struct
 from typing import Any
@@ -15,24 +30,75 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from fido2 import cbor
 from fido2.cose import ES256
-from fido2.ctap import CtapDevice
+from fido2.ctap import CtapDevice, CtapError
+from fido2.ctap2.pin import PinProtocol, PinProtocolV1, PinProtocolV2
 from fido2.hid import CAPABILITY, CTAPHID
 from fido2.webauthn import AttestedCredentialData, AuthenticatorData
 
 AAGUID = bytes.fromhex("6d66616775617264736f66746b657931")  # "mfaguardsoftkey1"
-_GET_INFO, _MAKE_CREDENTIAL, _GET_ASSERTION = 0x04, 0x01, 0x02
+_GET_INFO, _MAKE_CREDENTIAL, _GET_ASSERTION, _CLIENT_PIN = 0x04, 0x01, 0x02, 0x06
 _ERR_NO_CREDENTIALS = 0x2E
 _ERR_INVALID_COMMAND = 0x01
+ERR = CtapError.ERR
+
+MAX_PIN_RETRIES = 8
+PERM_MAKE_CREDENTIAL, PERM_GET_ASSERTION = 0x01, 0x02
+# clientPin subcommands
+_GET_RETRIES, _GET_KEY_AGREEMENT, _GET_PIN_TOKEN, _GET_TOKEN_WITH_PERMISSIONS = 0x01, 0x02, 0x05, 0x09
+
+
+class _Refused(Exception):
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
 
 
 class SoftAuthenticator(CtapDevice):
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        pin: str | None = None,
+        builtin_uv: bool | None = None,
+        pin_protocols: tuple[int, ...] = (2, 1),
+        token_permissions: bool = True,
+    ) -> None:
         self.credentials: dict[bytes, tuple[str, ec.EllipticCurvePrivateKey]] = {}
         self.sign_count = 0
         self.user_present = True
-        self.user_verified = True
+        self.user_verified = True  # the built-in UV's verdict
         self.count_step = 1  # 0 models an authenticator that keeps no counter
+        # Built-in UV by default only for a key without a PIN (the behaviour before PINs existed here).
+        self.builtin_uv = (pin is None) if builtin_uv is None else builtin_uv
+        self.pin: str | None = pin
+        self.pin_protocols = pin_protocols
+        # CTAP 2.1 pinUvAuthToken (permissions, getPinUvAuthTokenUsingPinWithPermissions); False: CTAP 2.0 only.
+        self.token_permissions = token_permissions
+        self.pin_retries = MAX_PIN_RETRIES
+        self.consecutive_wrong = 0
+        self.requests: list[tuple[int, dict[Any, Any]]] = []  # (command, parameters), for tests to inspect
+        self._protocols: dict[int, PinProtocol] = {1: PinProtocolV1(), 2: PinProtocolV2()}
+        self._new_key_agreement()
+        self._token: bytes | None = None
+        self._token_permissions = 0
+        self._token_rp: str | None = None
 
+    # -- test controls -------------------------------------------------------------
+    def set_pin(self, pin: str | None) -> None:
+        self.pin = pin
+        self.pin_retries = MAX_PIN_RETRIES
+        self.consecutive_wrong = 0
+        self._token = None
+
+    def power_cycle(self) -> None:
+        """Unplug and plug in again: the three-in-a-row block and the token go, the retry counter stays."""
+        self.consecutive_wrong = 0
+        self._token = None
+        self._new_key_agreement()
+
+    def _new_key_agreement(self) -> None:
+        self._key_agreement = ec.generate_private_key(ec.SECP256R1())
+
+    # -- CtapDevice ----------------------------------------------------------------
     @property
     def capabilities(self) -> int:
         return int(CAPABILITY.CBOR)
@@ -41,11 +107,11 @@ class SoftAuthenticator(CtapDevice):
     def list_devices(cls):  # type: ignore[no-untyped-def]
         return iter(())
 
-    def _flags(self, attested: bool = False) -> AuthenticatorData.FLAG:
+    def _flags(self, attested: bool = False, *, up: bool = True, uv: bool = False) -> AuthenticatorData.FLAG:
         flags = AuthenticatorData.FLAG(0)
-        if self.user_present:
+        if self.user_present and up:
             flags |= AuthenticatorData.FLAG.UP
-        if self.user_verified:
+        if uv:
             flags |= AuthenticatorData.FLAG.UV
         if attested:
             flags |= AuthenticatorData.FLAG.AT
@@ -55,35 +121,173 @@ class SoftAuthenticator(CtapDevice):
         if cmd != CTAPHID.CBOR:
             return bytes([_ERR_INVALID_COMMAND])
         command, params = data[0], (cbor.decode(data[1:]) if len(data) > 1 else {})
-        if command == _GET_INFO:
-            info = {1: ["FIDO_2_0"], 3: AAGUID, 4: {"rk": True, "up": True, "uv": True}, 5: 1200}
-            return b"\x00" + cbor.encode(info)
-        if command == _MAKE_CREDENTIAL:
-            rp_id = params[2]["id"]
-            key = ec.generate_private_key(ec.SECP256R1())
-            credential_id = secrets.token_bytes(32)
-            self.credentials[credential_id] = (rp_id, key)
-            attested = AttestedCredentialData.create(
-                AAGUID, credential_id, ES256.from_cryptography_key(key.public_key())
-            )
-            auth_data = AuthenticatorData.create(
-                hashlib.sha256(rp_id.encode()).digest(), self._flags(attested=True), self.sign_count, attested
-            )
-            return b"\x00" + cbor.encode({1: "none", 2: bytes(auth_data), 3: {}})
-        if command == _GET_ASSERTION:
-            rp_id, client_data_hash = params[1], params[2]
-            allowed = [c["id"] for c in params.get(3, [])]
-            found = next((c for c in allowed if c in self.credentials and self.credentials[c][0] == rp_id), None)
-            if found is None:
-                return bytes([_ERR_NO_CREDENTIALS])
-            self.sign_count += self.count_step
-            auth_data = bytes(
-                AuthenticatorData.create(hashlib.sha256(rp_id.encode()).digest(), self._flags(), self.sign_count)
-            )
-            signature = self.credentials[found][1].sign(auth_data + client_data_hash, ec.ECDSA(hashes.SHA256()))
-            response = {1: {"type": "public-key", "id": found}, 2: auth_data, 3: signature}
-            return b"\x00" + cbor.encode(response)
+        self.requests.append((command, dict(params)))
+        try:
+            if command == _GET_INFO:
+                return b"\x00" + cbor.encode(self._info())
+            if command == _MAKE_CREDENTIAL:
+                return b"\x00" + cbor.encode(self._make_credential(params))
+            if command == _GET_ASSERTION:
+                return b"\x00" + cbor.encode(self._get_assertion(params))
+            if command == _CLIENT_PIN:
+                return b"\x00" + cbor.encode(self._client_pin(params))
+        except _Refused as refused:
+            return bytes([refused.code])
         return bytes([_ERR_INVALID_COMMAND])
+
+    # -- getInfo -----------------------------------------------------------------------
+    def _info(self) -> dict[int, Any]:
+        options: dict[str, bool] = {"rk": True, "up": True, "clientPin": self.pin is not None}
+        if self.builtin_uv:
+            options["uv"] = True
+        if self.token_permissions:
+            options["pinUvAuthToken"] = True
+        versions = ["FIDO_2_0", "FIDO_2_1"] if self.token_permissions else ["FIDO_2_0"]
+        return {1: versions, 3: AAGUID, 4: options, 5: 1200, 6: list(self.pin_protocols)}
+
+    # -- user verification in makeCredential / getAssertion --------------------------
+    def _verify_uv(
+        self, params: dict[int, Any], param_key: int, client_data_hash: bytes, rp_id: str, permission: int
+    ) -> bool:
+        """True when user verification was performed: a valid pinUvAuthParam, or the built-in UV."""
+        options = params.get(param_key - 1) or {}  # options sit just before pinUvAuthParam (7/8, 5/6)
+        pin_uv_param = params.get(param_key)
+        protocol_version = params.get(param_key + 1)
+        if pin_uv_param is not None:
+            if len(pin_uv_param) == 0:  # the platform's "touch to select" probe
+                raise _Refused(ERR.PIN_INVALID if self.pin is not None else ERR.PIN_NOT_SET)
+            if protocol_version is None:
+                raise _Refused(ERR.MISSING_PARAMETER)
+            if protocol_version not in self.pin_protocols:
+                raise _Refused(ERR.INVALID_PARAMETER)
+            if self._token is None:
+                raise _Refused(ERR.PIN_AUTH_INVALID)
+            expected = self._protocols[protocol_version].authenticate(self._token, client_data_hash)
+            if not hmac.compare_digest(expected, bytes(pin_uv_param)):
+                raise _Refused(ERR.PIN_AUTH_INVALID)
+            if not self._token_permissions & permission:
+                raise _Refused(ERR.PIN_AUTH_INVALID)
+            if self._token_rp is not None and self._token_rp != rp_id:
+                raise _Refused(ERR.PIN_AUTH_INVALID)
+            if self.token_permissions:
+                self._token_rp = rp_id
+                # CTAP 2.1: a token's makeCredential/getAssertion permissions are used up by one request.
+                self._token_permissions &= ~(PERM_MAKE_CREDENTIAL | PERM_GET_ASSERTION)
+            return True  # the uv option, if any, is then treated as false
+        if options.get("uv"):
+            if not self.builtin_uv:
+                raise _Refused(ERR.INVALID_OPTION if self.token_permissions else ERR.UNSUPPORTED_OPTION)
+            return self.user_verified
+        return self.builtin_uv and self.user_verified
+
+    def _make_credential(self, params: dict[int, Any]) -> dict[int, Any]:
+        client_data_hash, rp_id = params[1], params[2]["id"]
+        options = params.get(7) or {}
+        if options.get("up") is False:
+            raise _Refused(ERR.INVALID_OPTION)
+        uv = self._verify_uv(params, 8, client_data_hash, rp_id, PERM_MAKE_CREDENTIAL)
+        if not uv and self.pin is not None and not (self.builtin_uv and options.get("uv")):
+            # Protected by a PIN, and no pinUvAuthParam: a real key wants one (no makeCredUvNotRqd here).
+            raise _Refused(ERR.PUAT_REQUIRED)
+        key = ec.generate_private_key(ec.SECP256R1())
+        credential_id = secrets.token_bytes(32)
+        self.credentials[credential_id] = (rp_id, key)
+        attested = AttestedCredentialData.create(AAGUID, credential_id, ES256.from_cryptography_key(key.public_key()))
+        auth_data = AuthenticatorData.create(
+            hashlib.sha256(rp_id.encode()).digest(), self._flags(attested=True, uv=uv), self.sign_count, attested
+        )
+        return {1: "none", 2: bytes(auth_data), 3: {}}
+
+    def _get_assertion(self, params: dict[int, Any]) -> dict[int, Any]:
+        rp_id, client_data_hash = params[1], params[2]
+        allowed = [c["id"] for c in params.get(3, [])]
+        found = next((c for c in allowed if c in self.credentials and self.credentials[c][0] == rp_id), None)
+        if found is None:
+            raise _Refused(_ERR_NO_CREDENTIALS)
+        options = params.get(5) or {}
+        uv = self._verify_uv(params, 6, client_data_hash, rp_id, PERM_GET_ASSERTION)
+        self.sign_count += self.count_step
+        auth_data = bytes(
+            AuthenticatorData.create(
+                hashlib.sha256(rp_id.encode()).digest(),
+                self._flags(up=options.get("up", True) is not False, uv=uv),
+                self.sign_count,
+            )
+        )
+        signature = self.credentials[found][1].sign(auth_data + client_data_hash, ec.ECDSA(hashes.SHA256()))
+        return {1: {"type": "public-key", "id": found}, 2: auth_data, 3: signature}
+
+    # -- clientPin -------------------------------------------------------------------
+    def _client_pin(self, params: dict[int, Any]) -> dict[int, Any]:
+        version, sub = params.get(1), params.get(2)
+        if sub == _GET_RETRIES:
+            return {3: self.pin_retries}
+        if version not in self.pin_protocols:
+            raise _Refused(ERR.INVALID_PARAMETER)
+        protocol = self._protocols[version]
+        if sub == _GET_KEY_AGREEMENT:
+            numbers = self._key_agreement.public_key().public_numbers()
+            cose = {1: 2, 3: -25, -1: 1, -2: numbers.x.to_bytes(32, "big"), -3: numbers.y.to_bytes(32, "big")}
+            return {1: cose}
+        if sub == _GET_PIN_TOKEN:
+            if 9 in params or 10 in params:
+                raise _Refused(ERR.INVALID_PARAMETER)  # permissions belong to subcommand 0x09
+            return self._issue_token(protocol, params, PERM_MAKE_CREDENTIAL | PERM_GET_ASSERTION, None)
+        if sub == _GET_TOKEN_WITH_PERMISSIONS and self.token_permissions:
+            permissions = params.get(9)
+            if permissions is None:
+                raise _Refused(ERR.MISSING_PARAMETER)
+            if permissions == 0:
+                raise _Refused(ERR.INVALID_PARAMETER)
+            if permissions & ~(PERM_MAKE_CREDENTIAL | PERM_GET_ASSERTION):
+                raise _Refused(ERR.UNAUTHORIZED_PERMISSION)
+            return self._issue_token(protocol, params, permissions, params.get(10))
+        raise _Refused(ERR.INVALID_SUBCOMMAND)
+
+    def _shared_secret(self, protocol: PinProtocol, key_agreement: Any) -> bytes:
+        try:
+            if key_agreement[1] != 2 or key_agreement[-1] != 1:
+                raise ValueError("not an EC2 P-256 key")
+            peer = ec.EllipticCurvePublicNumbers(
+                int.from_bytes(key_agreement[-2], "big"), int.from_bytes(key_agreement[-3], "big"), ec.SECP256R1()
+            ).public_key()
+        except (KeyError, TypeError, ValueError):
+            raise _Refused(ERR.INVALID_PARAMETER) from None
+        z = self._key_agreement.exchange(ec.ECDH(), peer)
+        return bytes(protocol.kdf(z))  # PinProtocolV1 and V2 both define kdf (the ABC does not)
+
+    def _issue_token(
+        self, protocol: PinProtocol, params: dict[int, Any], permissions: int, rp_id: str | None
+    ) -> dict[int, Any]:
+        if self.pin is None:
+            raise _Refused(ERR.PIN_NOT_SET)
+        if self.pin_retries == 0:
+            raise _Refused(ERR.PIN_BLOCKED)
+        if self.consecutive_wrong >= 3:
+            raise _Refused(ERR.PIN_AUTH_BLOCKED)
+        key_agreement, pin_hash_enc = params.get(3), params.get(6)
+        if key_agreement is None or pin_hash_enc is None:
+            raise _Refused(ERR.MISSING_PARAMETER)
+        shared = self._shared_secret(protocol, key_agreement)
+        self.pin_retries -= 1  # spent before the check, as the spec says, so that a pulled plug costs one
+        try:
+            pin_hash = protocol.decrypt(shared, bytes(pin_hash_enc))
+        except ValueError:
+            pin_hash = b""
+        if not hmac.compare_digest(pin_hash, hashlib.sha256(self.pin.encode()).digest()[:16]):
+            self._new_key_agreement()
+            self.consecutive_wrong += 1
+            if self.pin_retries == 0:
+                raise _Refused(ERR.PIN_BLOCKED)
+            if self.consecutive_wrong >= 3:
+                raise _Refused(ERR.PIN_AUTH_BLOCKED)
+            raise _Refused(ERR.PIN_INVALID)
+        self.pin_retries = MAX_PIN_RETRIES
+        self.consecutive_wrong = 0
+        self._token = secrets.token_bytes(32)  # a new token voids the previous one
+        self._token_permissions = permissions
+        self._token_rp = rp_id
+        return {2: protocol.encrypt(shared, self._token)}
 
 
 def counter_bytes(value: int) -> bytes:

@@ -5,6 +5,11 @@ is SHA-256 over a fresh random challenge, and an assertion is checked for the RP
 presence (always), user verification (when the device asks for it), the signature under the
 stored COSE key, and the sign counter rule of WebAuthn section 6.1.1. The fido2 package is
 imported only here, and only when a FIDO key is actually used.
+
+A key whose user verification is a PIN (getInfo option clientPin, no built-in UV) gets it through
+CTAP2's clientPin command, PIN/UV protocol 2 or 1 as the key offers: the PIN is sent encrypted under
+an ECDH key agreement, the key answers with a pinUvAuthToken, and the request carries
+pinUvAuthParam = authenticate(token, clientDataHash). The key itself counts wrong PINs.
 """
 
 from __future__ import annotations
@@ -14,10 +19,15 @@ import hashlib
 import hmac
 import socket
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from devicedb.errors import InvalidInput
 from devicedb.kinds import Match
 from devicedb.models import Device
+
+if TYPE_CHECKING:
+    from fido2.ctap2.base import Ctap2
+    from fido2.ctap2.pin import PinProtocol
 
 KIND = "fido2"
 FINGERPRINT_DOMAIN = "fido2"
@@ -55,6 +65,105 @@ class Check:
     reason: str
     sign_count: int = 0
     possible_clone: bool = False
+
+
+class PinRejected(InvalidInput):
+    """The key refused the PIN (wrong, blocked, or not acceptable). ``audit_reason`` never holds the PIN."""
+
+    def __init__(self, message: str, audit_reason: str, retries: int | None) -> None:
+        super().__init__(message)
+        self.audit_reason = audit_reason
+        self.retries = retries
+
+
+@dataclass(frozen=True)
+class PinUv:
+    """A pinUvAuthParam for one request, and the PIN/UV protocol it was made with."""
+
+    param: bytes
+    protocol: int
+
+
+def key_options(ctap: Ctap2) -> dict[str, bool]:
+    return {str(k): bool(v) for k, v in ctap.info.options.items()}
+
+
+def uses_pin(options: dict[str, bool]) -> bool:
+    """Whether this key's user verification is its PIN: a PIN is set and there is no built-in UV."""
+    return options.get("clientPin") is True and options.get("uv") is not True
+
+
+def _retries(ctap: Ctap2, protocol: PinProtocol) -> int | None:
+    from fido2.ctap import CtapError
+    from fido2.ctap2.pin import ClientPin
+
+    try:
+        return int(ClientPin(ctap, protocol).get_pin_retries()[0])
+    except (CtapError, OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def pin_auth(ctap: Ctap2, pin: str, permission: str, rp_id: str, client_data: bytes) -> PinUv:
+    """Exchange the PIN for a pinUvAuthToken limited to ``permission`` ("make_credential" or
+    "get_assertion") and this RP, and return the pinUvAuthParam over ``client_data``.
+
+    Raises PinRejected for a wrong, blocked or unacceptable PIN (with the retries the key reports);
+    other CtapError and OSError (the key went away) propagate."""
+    from fido2.ctap import CtapError
+    from fido2.ctap2.pin import ClientPin
+
+    if permission not in ("make_credential", "get_assertion"):
+        raise ValueError(f"no such permission: {permission}")
+    client_pin = ClientPin(ctap)  # PIN/UV protocol 2 where the key has it, else 1
+    flag = (
+        ClientPin.PERMISSION.MAKE_CREDENTIAL if permission == "make_credential" else ClientPin.PERMISSION.GET_ASSERTION
+    )
+    if len(pin) < 4:
+        # fido2 refuses it before sending, and a key would too (minimum PIN length 4): no retry is spent.
+        raise PinRejected(
+            "wrong PIN: a security key's PIN has at least 4 characters", "wrong PIN (too short; not sent)", None
+        )
+    try:
+        token = client_pin.get_pin_token(pin, flag, rp_id)
+    except ValueError:
+        raise PinRejected(
+            "the PIN is too long for a security key (at most 63 bytes)", "PIN not acceptable", None
+        ) from None
+    except CtapError as exc:
+        code = exc.code
+        if code == CtapError.ERR.PIN_INVALID:
+            left = _retries(ctap, client_pin.protocol)
+            count = "an unknown number of" if left is None else str(left)
+            raise PinRejected(
+                f"wrong PIN; the key reports {count} PIN retries left (at 0 its PIN is blocked and only a reset, "
+                "which erases every credential on it, makes it usable again)",
+                f"wrong PIN ({count} retries left on the key)",
+                left,
+            ) from None
+        if code == CtapError.ERR.PIN_AUTH_BLOCKED:
+            left = _retries(ctap, client_pin.protocol)
+            count = "an unknown number of" if left is None else str(left)
+            raise PinRejected(
+                f"wrong PIN three times in a row: the key takes no PIN until it is unplugged and plugged in again "
+                f"({count} PIN retries left)",
+                f"PIN blocked until the key is re-plugged ({count} retries left)",
+                left,
+            ) from None
+        if code == CtapError.ERR.PIN_BLOCKED:
+            raise PinRejected(
+                "the key's PIN is blocked (no retries left); only a reset, which erases every credential on it, "
+                "makes it usable again",
+                "PIN blocked on the key (no retries left)",
+                0,
+            ) from None
+        if code == CtapError.ERR.PIN_NOT_SET:
+            raise PinRejected("the key has no PIN set", "no PIN set on the key", None) from None
+        if code == CtapError.ERR.PIN_POLICY_VIOLATION:
+            raise PinRejected(
+                "the key refuses this PIN (its PIN policy)", "PIN refused by the key's policy", None
+            ) from None
+        raise
+    return PinUv(bytes(client_pin.protocol.authenticate(token, client_data)), int(client_pin.protocol.VERSION))
 
 
 def credential_id(device: Device) -> bytes:
