@@ -48,8 +48,13 @@ EVENTS = frozenset(
 )
 
 
+# Made once: json.dumps with options builds a new encoder on every call.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def canonical_detail(detail: dict[str, Any] | None) -> str:
-    return json.dumps(detail or {}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _CANONICAL.encode(detail or {})
 
 
 def row_hash(
@@ -65,11 +70,7 @@ def row_hash(
     reason: str | None,
     detail_json: str,
 ) -> str:
-    body = json.dumps(
-        [row_id, repr(float(ts)), event, user, device_id, service, source, reason, detail_json],
-        separators=(",", ":"),
-        ensure_ascii=False,
-    )
+    body = _COMPACT.encode([row_id, repr(float(ts)), event, user, device_id, service, source, reason, detail_json])
     inner, outer = _pads(key)
     inner = inner.copy()
     inner.update(prev_hash.encode() + b"\n" + body.encode("utf-8"))

@@ -191,30 +191,34 @@ class Tx:
         (a group commit's attempts), so that each attempt's own reads hit the cache."""
         self._cache_valid()
         wanted = sorted({u for u in users if u not in self._devices})
-        for start in range(0, len(wanted), 500):
-            chunk = wanted[start : start + 500]
-            marks = ", ".join("?" * len(chunk))
-            devices: dict[str, list[Device]] = {u: [] for u in chunk}
-            for r in self.conn.execute(
-                f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE user IN ({marks}) ORDER BY user, id", chunk
-            ):
-                devices[r[1]].append(_device(r))
-            locks = {u: LockState() for u in chunk}
-            for r in self.conn.execute(
-                "SELECT user, failures, consecutive_failures, locked_until, hard_locked, last_failure_at,"
-                f" last_success_at FROM lockout WHERE user IN ({marks})",
-                chunk,
-            ):
-                locks[r[0]] = LockState(r[1], r[2], r[3], bool(r[4]), r[5], r[6])
-            left = dict.fromkeys(chunk, 0)
-            for user, n in self.conn.execute(
-                f"SELECT user, COUNT(*) FROM backup_codes WHERE user IN ({marks}) AND used_at IS NULL GROUP BY user",
-                chunk,
-            ):
-                left[user] = int(n)
-            self._devices.update(devices)
-            self._locks.update(locks)
-            self._backup_left.update(left)
+        if not wanted:
+            return
+        # The names travel as one JSON array, so each query is one statement text whatever the batch size
+        # (an IN list of N placeholders would be a new statement to prepare for every N).
+        names = (json.dumps(wanted),)
+        devices: dict[str, list[Device]] = {u: [] for u in wanted}
+        for r in self.conn.execute(
+            f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE user IN (SELECT value FROM json_each(?)) ORDER BY user, id",
+            names,
+        ):
+            devices[r[1]].append(_device(r))
+        locks = {u: LockState() for u in wanted}
+        for r in self.conn.execute(
+            "SELECT user, failures, consecutive_failures, locked_until, hard_locked, last_failure_at,"
+            " last_success_at FROM lockout WHERE user IN (SELECT value FROM json_each(?))",
+            names,
+        ):
+            locks[r[0]] = LockState(r[1], r[2], r[3], bool(r[4]), r[5], r[6])
+        left = dict.fromkeys(wanted, 0)
+        for user, n in self.conn.execute(
+            "SELECT user, COUNT(*) FROM backup_codes WHERE user IN (SELECT value FROM json_each(?))"
+            " AND used_at IS NULL GROUP BY user",
+            names,
+        ):
+            left[user] = int(n)
+        self._devices.update(devices)
+        self._locks.update(locks)
+        self._backup_left.update(left)
 
     @contextmanager
     def savepoint(self) -> Iterator[None]:
@@ -810,15 +814,12 @@ class Store:
     def backup_sets(self, users: list[str]) -> dict[str, tuple[bytes, int]]:
         """``backup_set`` for several users in one statement (a group commit's attempts)."""
         found: dict[str, tuple[bytes, int]] = {}
-        wanted = sorted(set(users))
         with self._lock:
-            for start in range(0, len(wanted), 500):
-                chunk = wanted[start : start + 500]
-                marks = ", ".join("?" * len(chunk))
-                for user, salt, digits in self.conn.execute(
-                    f"SELECT user, salt, code_digits FROM backup_code_sets WHERE user IN ({marks})", chunk
-                ):
-                    found[user] = (bytes(salt), int(digits))
+            for user, salt, digits in self.conn.execute(
+                "SELECT user, salt, code_digits FROM backup_code_sets WHERE user IN (SELECT value FROM json_each(?))",
+                (json.dumps(sorted(set(users))),),
+            ):
+                found[user] = (bytes(salt), int(digits))
         return found
 
     def backup_codes_left(self, user: str) -> int:
