@@ -289,6 +289,7 @@ class DeviceManager:
         rp_id: str | None = None,
         pin: Callable[[], str | None] | None = None,
         touch: Callable[[], None] | None = None,
+        touch_timeout: float = 30.0,
     ) -> Device:
         """Register a credential on a FIDO2 key attached to this machine (a fido2 CtapDevice), through
         fido2's own CTAP2 client, and store its id, COSE public key, AAGUID and sign count.
@@ -296,12 +297,14 @@ class DeviceManager:
         A key with a PIN set (getInfo clientPin) needs it to register: ``pin`` is asked for it (only
         then), and the credential is made with a pinUvAuthToken limited to makeCredential and this
         RP. A wrong PIN raises fido2_key.PinRejected with the retries the key reports. ``touch`` is
-        called just before the key waits for its touch. Nothing is stored unless the key answered."""
+        called just before the key waits for its touch. Nothing is stored unless the key answered.
+
+        A key that speaks no CTAP2 (no CBOR capability, or getInfo fails) is registered through
+        fido2's Ctap1 (U2F): see _enroll_u2f. ``touch_timeout`` bounds the wait for its touch."""
         import secrets as random
 
         from fido2 import cbor
         from fido2.ctap import CtapError
-        from fido2.ctap2.base import Ctap2
         from fido2.webauthn import AuthenticatorData
 
         from devicedb.kinds import fido2_key
@@ -312,12 +315,20 @@ class DeviceManager:
         rp = rp_id or self.settings.fido.rp_id or fido2_key.default_rp_id()
         challenge = random.token_bytes(32)
         client_data = fido2_key.client_data_hash(challenge, rp)
-        try:
-            ctap = Ctap2(device)
-        except (CtapError, OSError, ValueError):
-            raise InvalidInput(
-                "the key does not answer CTAP2 (a U2F-only key, or it was unplugged); nothing was stored"
-            ) from None
+        ctap = fido2_key.open_ctap2(device)
+        if ctap is None:
+            return self._enroll_u2f(
+                user,
+                device,
+                context,
+                label=label,
+                uv=uv,
+                resident=resident,
+                rp=rp,
+                client_data=client_data,
+                touch=touch,
+                touch_timeout=touch_timeout,
+            )
         key = fido2_key.key_options(ctap)
         options: dict[str, bool] = {"rk": resident}
         pin_uv: fido2_key.PinUv | None = None
@@ -412,6 +423,126 @@ class DeviceManager:
                     # How the user was verified when the key registered: its PIN, its built-in UV, or not at all.
                     "enrollment_uv": how,
                     "user_verified": data.is_user_verified(),
+                },
+            )
+            return tx.device(user, device_id)
+
+    def _enroll_u2f(
+        self,
+        user: str,
+        device: Any,
+        context: Context,
+        *,
+        label: str | None,
+        uv: str,
+        resident: bool,
+        rp: str,
+        client_data: bytes,
+        touch: Callable[[], None] | None,
+        touch_timeout: float,
+    ) -> Device:
+        """Register a U2F (CTAP1) credential through fido2's Ctap1: application parameter SHA-256 of
+        the RP id, challenge parameter the same client data hash as CTAP2's. The attestation signature
+        over the registration is checked (RegistrationData.verify, under the attestation certificate's
+        own key: it proves the answer is whole, not who made the key). Stored as the CTAP2 path stores
+        a credential: the key handle as credential id, the public key as a COSE ES256 key, AAGUID all
+        zeros (U2F has none), sign count 0, and params protocol "u2f"."""
+        import hashlib
+        import struct
+        import threading
+
+        from fido2 import cbor
+        from fido2.ctap import CtapError
+        from fido2.ctap1 import ApduError, Ctap1
+
+        from devicedb.kinds import fido2_key
+
+        def u2f_only(why: str) -> InvalidInput:
+            return InvalidInput(f"this key speaks only U2F (CTAP1), {why}; nothing was stored")
+
+        neither = "the key answers neither CTAP2 nor U2F (is it a security key? was it unplugged?); nothing was stored"
+        if not fido2_key.speaks_u2f(device):
+            raise InvalidInput(neither)
+        ctap1 = Ctap1(device)
+        app_param = hashlib.sha256(rp.encode()).digest()
+        try:
+            version = ctap1.get_version()
+        except (ApduError, CtapError, OSError, ValueError, struct.error):
+            raise InvalidInput(neither) from None
+        if version != "U2F_V2":
+            raise InvalidInput(
+                f"the key reports U2F version {version[:20]!r}; only U2F_V2 is known; nothing was stored"
+            )
+        if uv == "required":
+            raise u2f_only(
+                "which has no user verification (no PIN, no biometrics): --uv required cannot be met; use a "
+                "FIDO2 key, or --uv preferred or discouraged (a touch only)"
+            )
+        if resident:
+            raise u2f_only("which cannot store a discoverable (resident) credential: leave out --resident")
+        if touch is not None:
+            touch()
+        deadline = threading.Event()
+        timer = threading.Timer(touch_timeout, deadline.set)
+        timer.start()
+        try:
+            registration = fido2_key.u2f_poll(lambda: ctap1.register(client_data, app_param), deadline)
+        except fido2_key.U2fTimeout:
+            raise InvalidInput(
+                f"the key was not touched within {touch_timeout:g} seconds; nothing was stored"
+            ) from None
+        except ApduError as exc:
+            raise InvalidInput(
+                f"the key did not register a credential: U2F status 0x{exc.code:04X}; nothing was stored"
+            ) from None
+        except CtapError as exc:
+            raise InvalidInput(
+                f"the key failed while registering (CTAP error {exc.code}); nothing was stored"
+            ) from None
+        except OSError as exc:
+            raise InvalidInput(f"the key went away while registering ({exc}); nothing was stored") from None
+        except (ValueError, struct.error):
+            raise InvalidInput("the key's U2F registration response is malformed; nothing was stored") from None
+        finally:
+            timer.cancel()
+        key_handle, point = bytes(registration.key_handle), bytes(registration.public_key)
+        try:
+            registration.verify(app_param, client_data)
+        except Exception:
+            raise InvalidInput(
+                "the key's U2F registration does not verify (its attestation signature over the RP, the challenge, "
+                "the key handle and the public key is wrong); nothing was stored"
+            ) from None
+        if not 16 <= len(key_handle) <= fido2_key.U2F_MAX_KEY_HANDLE:
+            raise InvalidInput(f"the key returned a {len(key_handle)}-byte key handle; nothing was stored")
+        try:
+            cose = fido2_key.cose_from_u2f_point(point)
+        except ValueError as exc:
+            raise InvalidInput(f"the key returned a public key that is not valid ({exc}); nothing was stored") from None
+        with self.store.transaction() as tx:
+            device_id = add_device(
+                tx,
+                self.settings,
+                context,
+                reason="active",
+                detail={"rp_id": rp, "uv": uv, "enrollment_uv": "none", "protocol": fido2_key.U2F},
+                user=user,
+                kind=fido2_key.KIND,
+                label=label or "U2F key",
+                secret=None,
+                fingerprint_domain=fido2_key.FINGERPRINT_DOMAIN,
+                fingerprint_material=key_handle,
+                sign_count=0,
+                params={
+                    "credential_id": fido2_key.b64(key_handle),
+                    "public_key": fido2_key.b64(cbor.encode(cose)),
+                    "aaguid": bytes(16).hex(),
+                    "rp_id": rp,
+                    "uv": uv,
+                    "resident": False,
+                    "enrollment_uv": "none",
+                    "user_verified": False,
+                    "protocol": fido2_key.U2F,
                 },
             )
             return tx.device(user, device_id)

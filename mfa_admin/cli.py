@@ -133,7 +133,8 @@ def _device_params(d: Device) -> str:
     if d.kind == "totp":
         parts.append(f"{d.digits} digits, {(d.algorithm or 'sha1').upper()}, {d.period}s")
     elif d.kind == "fido2":
-        parts.append(f"FIDO2, RP {d.params.get('rp_id')}, UV {d.params.get('uv')}, sign count {d.sign_count}")
+        protocol = "FIDO2 (U2F)" if d.params.get("protocol") == "u2f" else "FIDO2"
+        parts.append(f"{protocol}, RP {d.params.get('rp_id')}, UV {d.params.get('uv')}, sign count {d.sign_count}")
     elif d.kind == "ssh-sk":
         parts.append(f"{d.params.get('key_type')}, options {','.join(d.params.get('options', [])) or 'none'}")
     elif d.kind == "yubico":
@@ -324,7 +325,9 @@ class App:
         keys = attached_keys()
         if not keys:
             raise CliError(
-                "no FIDO2 key found on this machine's USB; plug one in and run the command again", EXIT_REFUSED
+                "no FIDO2 key found on this machine's USB (neither a FIDO2 nor a U2F security key); plug one in "
+                "and run the command again",
+                EXIT_REFUSED,
             )
 
         def ask_pin() -> str | None:
@@ -353,9 +356,10 @@ class App:
         how = {"pin": "the key's PIN", "built-in": "the key's built-in verification"}.get(
             str(device.params.get("enrollment_uv")), "none"
         )
+        u2f = " (a U2F key: a touch at every login, no PIN)" if device.params.get("protocol") == "u2f" else ""
         self.say(
             f"Device {device.id} ({device.label}) is active for {device.user}: {_device_params(device)}; "
-            f"user verified at enrollment: {how}."
+            f"user verified at enrollment: {how}{u2f}."
         )
         return EXIT_OK
 
@@ -1055,10 +1059,10 @@ def build_parser() -> argparse.ArgumentParser:
         enroll_sub,
         "fido",
         App.cmd_enroll_fido,
-        "register a FIDO2 security key attached to this machine (for console and sudo logins)",
+        "register a FIDO2 or U2F security key attached to this machine (for console and sudo logins)",
     )
     p.add_argument("user", metavar="USER")
-    p.add_argument("--label", help="a name for the key (default: 'FIDO2 key')")
+    p.add_argument("--label", help="a name for the key (default: 'FIDO2 key', or 'U2F key' for a U2F-only key)")
     p.add_argument(
         "--uv",
         choices=("required", "preferred", "discouraged"),
@@ -1077,7 +1081,10 @@ def build_parser() -> argparse.ArgumentParser:
         "A key with a PIN set asks for it (on the terminal, echo off): the credential is registered with a\n"
         "PIN token for makeCredential only. A wrong PIN exits 1 with the retries the key reports, and\n"
         "nothing is stored. --uv required with a key that has no PIN set and no built-in verification is\n"
-        "refused: set a PIN on the key first.\n\n" + EXIT_CODES_HELP
+        "refused: set a PIN on the key first.\n\n"
+        "A key that speaks only U2F (CTAP1) is registered through U2F: its attestation signature is\n"
+        "checked, and it logs in with a touch (no PIN). U2F has no user verification and no resident\n"
+        "credentials, so --uv required and --resident are refused for such a key.\n\n" + EXIT_CODES_HELP
     )
     p = add(
         enroll_sub,

@@ -10,10 +10,20 @@ the key holds one of the user's credentials, then asks for the PIN (echo off), e
 pinUvAuthToken with the getAssertion permission for this RP, and sends pinUvAuthParam with the
 request. A wrong PIN is a failed attempt through the core (lockout counter, audit row); an empty or
 aborted answer ends the login, as at the code prompt.
+
+A key that speaks only CTAP1/U2F (no CBOR capability, or getInfo fails) is asked through fido2's
+Ctap1: first "check-only" (control byte 0x07, no touch) for each of the user's key handles, to find
+the one it holds; then, after the touch prompt, "enforce user presence and sign" (0x03), asked again
+every 0.25 s while the key answers that it waits for its touch. Its answer becomes the authenticator
+data the core checks (fido2_key.u2f_assertion), on the same path as a CTAP2 assertion. A key that
+speaks CTAP2 is asked through CTAP2 even for a U2F-registered credential: keys that speak both
+accept their U2F key handles in getAssertion (libfido2, and so pam_u2f, rely on this too).
 """
 
 from __future__ import annotations
 
+import hashlib
+import struct
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -71,6 +81,57 @@ def _pin_step(
         del answer
 
 
+def _u2f_step(
+    tell: Callable[[], None],
+    key: Any,
+    verifier: Verifier,
+    user: str,
+    context: Context,
+    rp_id: str,
+    challenge: bytes,
+    allowed: list[bytes],
+    timeout: float,
+) -> Decision | None:
+    """The core's decision on a U2F (CTAP1) key's signature, or None: the key holds none of the
+    credentials, failed, went away, or was not touched in time (the caller tries the next key)."""
+    from fido2.ctap import CtapError
+    from fido2.ctap1 import APDU, ApduError, Ctap1
+
+    failures = (CtapError, OSError, ValueError, struct.error)
+    ctap1 = Ctap1(key)
+    client_data = fido2_key.client_data_hash(challenge, rp_id)
+    app_param = hashlib.sha256(rp_id.encode()).digest()
+    handle: bytes | None = None
+    for candidate in allowed:
+        if len(candidate) > fido2_key.U2F_MAX_KEY_HANDLE:
+            continue  # a CTAP2 credential id too long for U2F: not a U2F key's
+        try:
+            ctap1.authenticate(client_data, app_param, candidate, check_only=True)
+        except ApduError as exc:
+            if exc.code == APDU.USE_NOT_SATISFIED:  # "it is mine; a real request would need a touch"
+                handle = candidate
+                break
+            continue  # 0x6A80 (not this key's handle, or another RP's), or another refusal
+        except failures:
+            return None  # the key failed or went away
+        return None  # a check-only request must never be signed: not a key to trust
+    if handle is None:
+        return None
+    found: bytes = handle
+    tell()
+    event = threading.Event()
+    cancel = threading.Timer(timeout, event.set)
+    cancel.start()
+    try:
+        response = fido2_key.u2f_poll(lambda: ctap1.authenticate(client_data, app_param, found), event)
+        assertion = fido2_key.u2f_assertion(found, rp_id, response)
+    except (fido2_key.U2fTimeout, ApduError, *failures):
+        return None  # no touch in time, refused, malformed, or unplugged
+    finally:
+        cancel.cancel()
+    return verifier.verify_fido(user, assertion, rp_id, challenge, context)
+
+
 def authenticate_with_key(
     say: Any,
     verifier: Verifier,
@@ -86,7 +147,6 @@ def authenticate_with_key(
     ``ask_pin(prompt)`` asks for a key's PIN with echo off; without it a key that needs its PIN is skipped.
     A decision whose result is ERROR (an abandoned PIN prompt, a database error) ends the login."""
     from fido2.ctap import CtapError
-    from fido2.ctap2.base import Ctap2
 
     request = verifier.fido_request(user)
     if request is None or not keys:
@@ -95,11 +155,23 @@ def authenticate_with_key(
     client_data = fido2_key.client_data_hash(challenge, rp_id)
     allow_list: list[Mapping[str, Any]] = [{"type": "public-key", "id": c} for c in allowed]
     told = False
+
+    def tell() -> None:
+        nonlocal told
+        if not told:
+            say(TOUCH_PROMPT)
+            told = True
+
     for key in keys:
-        try:
-            ctap = Ctap2(key)
-        except (CtapError, OSError, ValueError):
-            continue  # not a CTAP2 key, or unplugged
+        ctap = fido2_key.open_ctap2(key)
+        if ctap is None:
+            # A U2F-only key (or one that went away). U2F has no user verification: the core refuses its
+            # signature for a credential whose device requires UV, and accepts it for the others.
+            if fido2_key.speaks_u2f(key):
+                decision = _u2f_step(tell, key, verifier, user, context, rp_id, challenge, allowed, timeout)
+                if decision is not None:
+                    return decision
+            continue
         options: dict[str, bool] | None = None
         pin_uv: fido2_key.PinUv | None = None
         if needs_uv:
@@ -115,9 +187,7 @@ def authenticate_with_key(
                 pin_uv = step
             else:
                 options = {"uv": True}  # built-in UV (a key with none refuses, and the next key is tried)
-        if not told:
-            say(TOUCH_PROMPT)
-            told = True
+        tell()
         event = threading.Event()
         cancel = threading.Timer(timeout, event.set)
         cancel.start()

@@ -16,18 +16,38 @@ Two kinds of key:
   YubiKeys). The UV flag is set only after a valid pinUvAuthParam; the ``uv`` option is refused;
   makeCredential without a pinUvAuthParam fails with PUAT_REQUIRED. ``pin=None, builtin_uv=False``
   is such a key with no PIN set yet.
+
+Both answer only CTAPHID_CBOR; any other CTAPHID command raises CtapError(INVALID_COMMAND), as
+fido2's CtapHidDevice does when a key answers CTAPHID_ERROR.
+
+And a key of the older kind:
+
+- ``SoftU2FAuthenticator()``: a key that speaks only CTAP1/U2F (FIDO U2F raw message formats v1.2),
+  for fido2's ``Ctap1`` unchanged. Its capabilities lack CBOR (a CBOR request raises
+  CtapError(INVALID_COMMAND)); it answers CTAPHID_MSG APDUs (short or extended length): U2F_REGISTER
+  (INS 0x01) with a self-signed P-256 attestation certificate made with ``cryptography``,
+  U2F_AUTHENTICATE (INS 0x02) with control bytes 0x03 (enforce user presence and sign), 0x07
+  (check-only: SW_CONDITIONS_NOT_SATISFIED 0x6985 for its own key handle, SW_WRONG_DATA 0x6A80 for a
+  foreign one or one of another application) and 0x08 (sign without user presence: presence byte
+  0x00), and U2F_VERSION (INS 0x03, "U2F_V2"). A settable counter (``sign_count``, ``count_step``) and
+  user presence (``user_present``; without it a request that needs a touch gets 0x6985, as from a
+  real key, and the client must ask again); ``touch_after`` = n answers 0x6985 n times before the touch.
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import hmac
 import secrets
 import struct
 from typing import Any
 
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.x509.oid import NameOID
 from fido2 import cbor
 from fido2.cose import ES256
 from fido2.ctap import CtapDevice, CtapError
@@ -119,7 +139,7 @@ class SoftAuthenticator(CtapDevice):
 
     def call(self, cmd: int, data: bytes = b"", event: Any = None, on_keepalive: Any = None) -> bytes:
         if cmd != CTAPHID.CBOR:
-            return bytes([_ERR_INVALID_COMMAND])
+            raise CtapError(ERR.INVALID_COMMAND)  # the key answers CTAPHID_ERROR, as a CTAP2-only key does
         command, params = data[0], (cbor.decode(data[1:]) if len(data) > 1 else {})
         self.requests.append((command, dict(params)))
         try:
@@ -292,3 +312,147 @@ class SoftAuthenticator(CtapDevice):
 
 def counter_bytes(value: int) -> bytes:
     return struct.pack(">I", value)
+
+
+# -- CTAP1 / U2F ------------------------------------------------------------------------------------
+
+U2F_REGISTER, U2F_AUTHENTICATE, U2F_VERSION = 0x01, 0x02, 0x03
+ENFORCE_PRESENCE_AND_SIGN, CHECK_ONLY, DONT_ENFORCE_PRESENCE_AND_SIGN = 0x03, 0x07, 0x08
+SW_NO_ERROR = 0x9000
+SW_CONDITIONS_NOT_SATISFIED = 0x6985
+SW_WRONG_DATA = 0x6A80
+SW_WRONG_LENGTH = 0x6700
+SW_CLA_NOT_SUPPORTED = 0x6E00
+SW_INS_NOT_SUPPORTED = 0x6D00
+
+
+def self_signed_certificate(key: ec.EllipticCurvePrivateKey, name: str = "mfaguard soft U2F key") -> bytes:
+    """A DER X.509 certificate for ``key``, signed by itself (ECDSA with SHA-256), as attestation."""
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .sign(key, hashes.SHA256())
+    )
+    return certificate.public_bytes(Encoding.DER)
+
+
+class _Status(Exception):
+    def __init__(self, sw: int) -> None:
+        super().__init__(sw)
+        self.sw = sw
+
+
+class SoftU2FAuthenticator(CtapDevice):
+    """A U2F-only key behind fido2's CtapDevice interface: see the module docstring."""
+
+    def __init__(self) -> None:
+        self.attestation_key = ec.generate_private_key(ec.SECP256R1())
+        self.attestation_certificate = self_signed_certificate(self.attestation_key)
+        # key handle -> (application parameter, credential private key)
+        self.credentials: dict[bytes, tuple[bytes, ec.EllipticCurvePrivateKey]] = {}
+        self.sign_count = 0  # one counter for every credential, as most U2F keys keep
+        self.count_step = 1
+        self.user_present = True
+        self.touch_after = 0  # answer 0x6985 this many more times before the touch "happens"
+        self.requests: list[tuple[int, int, bytes]] = []  # (INS, P1, data), for tests to inspect
+
+    @property
+    def capabilities(self) -> int:
+        return int(CAPABILITY.WINK)  # no CBOR, and no NMSG: it takes CTAPHID_MSG
+
+    @classmethod
+    def list_devices(cls):  # type: ignore[no-untyped-def]
+        return iter(())
+
+    def call(self, cmd: int, data: bytes = b"", event: Any = None, on_keepalive: Any = None) -> bytes:
+        if cmd != CTAPHID.MSG:
+            raise CtapError(ERR.INVALID_COMMAND)  # a U2F-only key answers CTAPHID_ERROR to CBOR
+        try:
+            return self._apdu(bytes(data)) + struct.pack(">H", SW_NO_ERROR)
+        except _Status as status:
+            return struct.pack(">H", status.sw)
+
+    # -- APDU framing (ISO 7816-4, short or extended length) ------------------------------------
+    def _apdu(self, apdu: bytes) -> bytes:
+        if len(apdu) < 4:
+            raise _Status(SW_WRONG_LENGTH)
+        cla, ins, p1, _p2 = apdu[:4]
+        rest = apdu[4:]
+        if not rest:
+            body = b""
+        elif rest[0] == 0 and len(rest) >= 3:  # extended: 00 Lc1 Lc2 data [Le1 Le2]
+            length = int.from_bytes(rest[1:3], "big")
+            body = rest[3 : 3 + length]
+            if len(body) != length or len(rest) - 3 - length not in (0, 2):
+                raise _Status(SW_WRONG_LENGTH)
+        elif len(rest) == 1:  # short, Le only
+            body = b""
+        else:  # short: Lc data [Le]
+            length = rest[0]
+            body = rest[1 : 1 + length]
+            if len(body) != length or len(rest) - 1 - length not in (0, 1):
+                raise _Status(SW_WRONG_LENGTH)
+        if cla != 0:
+            raise _Status(SW_CLA_NOT_SUPPORTED)
+        self.requests.append((ins, p1, body))
+        if ins == U2F_VERSION:
+            if body:
+                raise _Status(SW_WRONG_LENGTH)
+            return b"U2F_V2"
+        if ins == U2F_REGISTER:
+            return self._register(body)
+        if ins == U2F_AUTHENTICATE:
+            return self._authenticate(p1, body)
+        raise _Status(SW_INS_NOT_SUPPORTED)
+
+    def _touched(self) -> bool:
+        """Whether a touch is there for a request that needs one (each such request uses it up)."""
+        if not self.user_present:
+            return False
+        if self.touch_after > 0:
+            self.touch_after -= 1
+            return False
+        return True
+
+    def _register(self, body: bytes) -> bytes:
+        if len(body) != 64:
+            raise _Status(SW_WRONG_LENGTH)
+        challenge, application = body[:32], body[32:]
+        if not self._touched():
+            raise _Status(SW_CONDITIONS_NOT_SATISFIED)
+        key = ec.generate_private_key(ec.SECP256R1())
+        handle = secrets.token_bytes(64)
+        self.credentials[handle] = (application, key)
+        point = key.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+        signed = b"\x00" + application + challenge + handle + point
+        signature = self.attestation_key.sign(signed, ec.ECDSA(hashes.SHA256()))
+        return b"\x05" + point + bytes([len(handle)]) + handle + self.attestation_certificate + signature
+
+    def _authenticate(self, control: int, body: bytes) -> bytes:
+        if len(body) < 65 or len(body) != 65 + body[64]:
+            raise _Status(SW_WRONG_LENGTH)
+        challenge, application, handle = body[:32], body[32:64], body[65:]
+        entry = self.credentials.get(handle)
+        if entry is None or entry[0] != application:
+            raise _Status(SW_WRONG_DATA)  # not made by this key, or for another application
+        if control == CHECK_ONLY:
+            raise _Status(SW_CONDITIONS_NOT_SATISFIED)  # "mine": a real request would need a touch
+        if control == ENFORCE_PRESENCE_AND_SIGN:
+            if not self._touched():
+                raise _Status(SW_CONDITIONS_NOT_SATISFIED)
+            presence = 0x01
+        elif control == DONT_ENFORCE_PRESENCE_AND_SIGN:
+            presence = 0x00
+        else:
+            raise _Status(SW_WRONG_DATA)
+        self.sign_count += self.count_step
+        signed_part = bytes([presence]) + struct.pack(">I", self.sign_count)
+        signature = entry[1].sign(application + signed_part + challenge, ec.ECDSA(hashes.SHA256()))
+        return signed_part + signature

@@ -397,15 +397,17 @@ class FailingClientPin(SoftAuthenticator):
 
 
 class U2fOnly(SoftAuthenticator):
+    """Claims no CBOR (so it is asked through U2F), and answers no U2F message either: a broken key."""
+
     @property
     def capabilities(self) -> int:
-        return 0  # no CBOR: CTAP1/U2F only
+        return 0
 
 
 def test_a_key_failing_mid_enrollment_stores_nothing(store: Store) -> None:
     with pytest.raises(InvalidInput, match="failed during the PIN exchange"):
         enroll(store, FailingClientPin(pin=PIN), PIN)
-    with pytest.raises(InvalidInput, match="does not answer CTAP2"):
+    with pytest.raises(InvalidInput, match="answers neither CTAP2 nor U2F"):
         enroll(store, U2fOnly(), None)
     assert store.list_devices("alice") == []
 

@@ -10,6 +10,13 @@ A key whose user verification is a PIN (getInfo option clientPin, no built-in UV
 CTAP2's clientPin command, PIN/UV protocol 2 or 1 as the key offers: the PIN is sent encrypted under
 an ECDH key agreement, the key answers with a pinUvAuthToken, and the request carries
 pinUvAuthParam = authenticate(token, clientDataHash). The key itself counts wrong PINs.
+
+A key that speaks only CTAP1/U2F (no CBOR capability, or getInfo fails) is driven through fido2's
+``Ctap1``: the application parameter is SHA-256 of the RP id and the challenge parameter is the
+same client data hash. U2F's signature is over application parameter || user-presence byte ||
+counter || challenge parameter, which is exactly WebAuthn's authData (with no extensions) followed
+by the client data hash, so ``u2f_assertion`` turns U2F's answer into the ``Assertion`` that
+``check_assertion`` checks like any other: one verify path for both protocols.
 """
 
 from __future__ import annotations
@@ -26,6 +33,11 @@ from devicedb.kinds import Match
 from devicedb.models import Device
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from threading import Event
+
+    from fido2.ctap import CtapDevice
+    from fido2.ctap1 import SignatureData
     from fido2.ctap2.base import Ctap2
     from fido2.ctap2.pin import PinProtocol
 
@@ -33,6 +45,9 @@ KIND = "fido2"
 FINGERPRINT_DOMAIN = "fido2"
 UV_POLICIES = ("required", "preferred", "discouraged")
 _UP, _UV = 0x01, 0x04
+U2F = "u2f"  # params["protocol"] of a credential registered through CTAP1/U2F
+U2F_POLL_SECONDS = 0.25  # how often a U2F key is asked again while it waits for its touch
+U2F_MAX_KEY_HANDLE = 255  # U2F sends the key handle's length in one byte
 
 
 def default_rp_id() -> str:
@@ -164,6 +179,76 @@ def pin_auth(ctap: Ctap2, pin: str, permission: str, rp_id: str, client_data: by
             ) from None
         raise
     return PinUv(bytes(client_pin.protocol.authenticate(token, client_data)), int(client_pin.protocol.VERSION))
+
+
+def open_ctap2(device: CtapDevice) -> Ctap2 | None:
+    """fido2's CTAP2 client on this key, or None when the key speaks no CTAP2: no CBOR capability,
+    or getInfo fails (a U2F-only key, or one that went away)."""
+    from fido2.ctap import CtapError
+    from fido2.ctap2.base import Ctap2
+    from fido2.hid import CAPABILITY
+
+    try:
+        if not int(device.capabilities) & CAPABILITY.CBOR:
+            return None
+        return Ctap2(device)
+    except (CtapError, OSError, ValueError):
+        return None
+
+
+def speaks_u2f(device: CtapDevice) -> bool:
+    """Whether the key may take CTAP1/U2F messages (CTAPHID_MSG): its capabilities do not say NMSG."""
+    from fido2.hid import CAPABILITY
+
+    try:
+        return not int(device.capabilities) & CAPABILITY.NMSG
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+class U2fTimeout(Exception):
+    """A U2F key was not touched before the deadline (or the wait was cancelled)."""
+
+
+def u2f_poll(request: Callable[[], Any], event: Event, poll: float = U2F_POLL_SECONDS) -> Any:
+    """Send a U2F request that needs a touch until the key stops answering "conditions not satisfied"
+    (0x6985: it is waiting for its touch) or ``event`` is set (U2fTimeout). A U2F key does not hold a
+    request open as CTAP2 does: the client asks again. Other ApduErrors, CtapError and OSError propagate."""
+    from fido2.ctap1 import APDU, ApduError
+
+    while not event.is_set():
+        try:
+            return request()
+        except ApduError as exc:
+            if exc.code != APDU.USE_NOT_SATISFIED:
+                raise
+        event.wait(poll)
+    raise U2fTimeout("the key was not touched in time")
+
+
+def cose_from_u2f_point(point: bytes) -> dict[int, Any]:
+    """U2F's 65-byte uncompressed P-256 public key (0x04||X||Y) as the COSE ES256 key that the CTAP2
+    path stores. A point that is not on the curve raises ValueError."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    if len(point) != 65 or point[0] != 4:
+        raise ValueError(f"a U2F public key is an uncompressed P-256 point of 65 bytes, not {len(point)} bytes")
+    ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)  # refuses a point off the curve
+    # What fido2's ES256.from_ctap1 makes (written out: it is untyped): EC2, ES256, P-256, X, Y.
+    return {1: 2, 3: -7, -1: 1, -2: point[1:33], -3: point[33:65]}
+
+
+def u2f_assertion(key_handle: bytes, rp_id: str, response: SignatureData) -> Assertion:
+    """A U2F authentication response as the Assertion check_assertion takes: authData = application
+    parameter (SHA-256 of the RP id, 32) || user-presence byte (1) || counter (4), exactly the bytes the
+    key signed before the challenge parameter. A presence byte with bits other than 0x01 (reserved in
+    U2F) is refused (ValueError): U2F has no flag for user verification or anything else."""
+    raw = bytes(response)
+    if len(raw) < 6:
+        raise ValueError("the U2F response is too short")
+    if raw[0] & ~_UP:
+        raise ValueError(f"the U2F user-presence byte is 0x{raw[0]:02x}; only 0x00 and 0x01 are defined")
+    return Assertion(key_handle, hashlib.sha256(rp_id.encode()).digest() + raw[:5], bytes(response.signature))
 
 
 def credential_id(device: Device) -> bytes:
