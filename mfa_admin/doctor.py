@@ -10,7 +10,7 @@ from pathlib import Path
 from devicedb.errors import MfaguardError
 from devicedb.settings import Settings
 from devicedb.store import Store
-from mfa_admin.pam_setup import ACCOUNT_LINE, SERVICES, is_mfaguard_line
+from mfa_admin.pam_setup import ACCOUNT_LINE, AFTER_KEY_CONTROL, CHECK_CONTROL, SERVICES, is_mfaguard_line
 
 # Controls under which a failing mfaguard line fails the stack.
 _BINDING = {"required", "requisite"}
@@ -37,45 +37,104 @@ def _split(line: str) -> tuple[str, str, list[str]]:
     return kind.lstrip("-"), control.lower(), rest.split()
 
 
-def _expand(path: Path, pam_dir: Path, depth: int = 0) -> list[tuple[str, str]]:
-    """The stack's lines as (file, line), with @include, include and substack expanded in place."""
-    out: list[tuple[str, str]] = []
+@dataclass(frozen=True)
+class _Line:
+    """One line of a stack, with @include, include and substack expanded in place."""
+
+    file: str  # the file it is in
+    text: str  # comments removed, blanks squeezed
+    scope: tuple[int, ...]  # the substacks it runs inside (their ids), outermost first
+    origin: tuple[str, ...]  # the include chain inside its scope: its file, the file that included it, ...
+    sid: int = -1  # for a substack line: the id its own lines carry in their scope
+
+
+def _expand(
+    path: Path,
+    pam_dir: Path,
+    depth: int = 0,
+    scope: tuple[int, ...] = (),
+    origin: tuple[str, ...] = (),
+    kind: str | None = None,
+    ids: list[int] | None = None,
+) -> list[_Line]:
+    """The stack's lines with @include and include inlined (Linux-PAM counts their lines one by one)
+    and each substack kept as one line followed by its own lines in a scope of their own: a jump in
+    the parent counts the whole substack as one module, and a jump or `done` inside a substack
+    cannot leave it (pam.conf(5); libpam/pam_dispatch.c)."""
+    out: list[_Line] = []
+    ids = [0] if ids is None else ids
     if depth > 8 or not path.is_file():
         return out
+    here = (*origin, path.name)
     for raw in path.read_text(errors="replace").replace("\\\n", " ").splitlines():
         line = " ".join(raw.split("#", 1)[0].split())
         if not line:
             continue
         words = line.split()
         if words[0].lower() == "@include" and len(words) > 1:
-            out += _expand(pam_dir / words[1], pam_dir, depth + 1)
+            out += _expand(pam_dir / words[1], pam_dir, depth + 1, scope, here, kind, ids)
             continue
-        kind, control, rest = _split(line)
-        if control in ("include", "substack") and rest:
-            out += [(f, ln) for f, ln in _expand(pam_dir / rest[0], pam_dir, depth + 1) if _split(ln)[0] == kind]
+        line_kind, control, rest = _split(line)
+        if kind is not None and line_kind != kind:
+            continue
+        if control == "include" and rest:
+            out += _expand(pam_dir / rest[0], pam_dir, depth + 1, scope, here, line_kind, ids)
+        elif control == "substack" and rest:
+            ids[0] += 1
+            sid = ids[0]
+            out.append(_Line(path.name, line, scope, here, sid))
+            out += _expand(pam_dir / rest[0], pam_dir, depth + 1, (*scope, sid), (), line_kind, ids)
         else:
-            out.append((path.name, line))
+            out.append(_Line(path.name, line, scope, here))
     return out
 
 
-def _can_skip(index: int, line: str, target: int) -> bool:
-    """Whether this line, at ``index``, can end the stack or jump past the line at ``target``."""
-    _, control, rest = _split(line)
+def _positions(lines: list[_Line]) -> list[int]:
+    """Each line's place among the modules of its own scope (lines of one type only)."""
+    counters: dict[tuple[int, ...], int] = {}
+    out = []
+    for line in lines:
+        out.append(counters.get(line.scope, 0))
+        counters[line.scope] = out[-1] + 1
+    return out
+
+
+def _actions(control: str) -> dict[str, str]:
+    return dict(pair.partition("=")[::2] for pair in control.strip("[]").split()) if control.startswith("[") else {}
+
+
+def _can_skip(lines: list[_Line], index: int, target: int) -> bool:
+    """Whether the line at ``index`` can end the stack or jump past the line at ``target`` (both in
+    ``lines``, one type only, ``index`` before ``target``)."""
+    line, goal = lines[index], lines[target]
+    depth = len(line.scope)
+    if goal.scope[:depth] != line.scope:
+        return False  # inside a substack that does not hold the target: its jumps and `done` stay in it
+    if goal.scope != line.scope:  # the target is inside a substack of this scope: that substack line counts
+        goal = next(x for x in lines if x.sid == goal.scope[depth])
+    positions = _positions(lines)
+    here, there = positions[index], positions[lines.index(goal)]
+    _, control, rest = _split(line.text)
     module = rest[0] if rest else ""
     if control == "sufficient":
         return not module.endswith("pam_rootok.so")  # only root itself passes pam_rootok
-    if control.startswith("["):
-        actions = dict(pair.partition("=")[::2] for pair in control.strip("[]").split())
-        # What the module does when it succeeds: its success action, else its default one.
-        action = actions.get("success", actions.get("default", ""))
-        if action == "done":
-            return True
-        if action.isdigit() and index + int(action) >= target:
-            return True
-    return False
+    actions = _actions(control)
+    # What the module does when it succeeds: its success action, else its default one.
+    if actions.get("success", actions.get("default", "")) == "done":
+        return True
+    # A jump taken on any result skips modules without changing the stack's result so far.
+    return any(a.isdigit() and here < there <= here + int(a) for a in actions.values())
 
 
-def _check_line(line: str, file: str, topic: str) -> list[Finding]:
+def _is_check(text: str) -> bool:
+    return is_mfaguard_line(text) and any(w.startswith("check=") for w in _split(text)[2][2:])
+
+
+def _same_control(control: str, wanted: str) -> bool:
+    return control.startswith("[") and _actions(control) == _actions(wanted)
+
+
+def _check_line(line: str, file: str, topic: str, *, settings: bool = True) -> list[Finding]:
     """Can this mfaguard line ever work: entry file, venv and settings file all there and sound?"""
     from devicedb.errors import ConfigError, UnsafePathError
     from devicedb.settings import load_settings
@@ -123,6 +182,8 @@ def _check_line(line: str, file: str, topic: str) -> list[Finding]:
                     "install it in /opt/mfaguard",
                 )
             )
+    if not settings:
+        return findings  # the publickey check reads no settings
     try:
         load_settings(options.get("config"), require_file=True, environ={})
     except (ConfigError, UnsafePathError) as exc:
@@ -137,15 +198,135 @@ def _check_line(line: str, file: str, topic: str) -> list[Finding]:
     return findings
 
 
+SHAPE_FIX = (
+    "use the four auth lines of config/pam.d/sshd as they are: `mfa-admin pam uninstall --service sshd` "
+    "then `mfa-admin pam install --service sshd` writes them"
+)
+
+
+def _is_code(line: _Line) -> bool:
+    return is_mfaguard_line(line.text) and not _is_check(line.text)
+
+
+def _publickey_checks(service: str, lines: list[_Line], topic: str) -> tuple[list[Finding], set[int]]:
+    """Each publickey check (auth lines only) must stand in the one supported shape:
+
+        auth [success=ignore default=1] ...pam_mfaguard.py check=publickey-used ...
+        auth [success=done ignore=ignore default=die] ...pam_mfaguard.py config=...   (the code after a key)
+        @include common-auth                                                         (the password)
+        auth required ...pam_mfaguard.py config=...                                  (the code after it)
+
+    Returns the findings and the indices of the code lines that follow a check."""
+    findings: list[Finding] = []
+    after_key: set[int] = set()
+    for c, line in enumerate(lines):
+        if not _is_check(line.text):
+            continue
+        _, control, rest = _split(line.text)
+        problems = []
+        if "check=publickey-used" not in rest[2:]:
+            problems.append("the only check there is is check=publickey-used")
+        if not _same_control(control, CHECK_CONTROL):
+            problems.append(f"its control is {control!r}, not {CHECK_CONTROL}")
+        if line.scope:
+            problems.append("it is inside a substack")
+        same = [i for i in range(c + 1, len(lines)) if lines[i].scope == line.scope]  # the modules after it
+        if not same or not _is_code(lines[same[0]]):
+            problems.append("the next line is not mfaguard's code line, so a key login would skip the code")
+        else:
+            key = same[0]
+            after_key.add(key)
+            if not _same_control(_split(lines[key].text)[1], AFTER_KEY_CONTROL):
+                problems.append(
+                    f"the code line after it has control {_split(lines[key].text)[1]!r}, not {AFTER_KEY_CONTROL}"
+                )
+            password = (*lines[key].origin, "common-auth")
+            after = [i for i in same if i > key]
+            if not after or lines[after[0]].origin[: len(password)] != password:
+                nxt = lines[after[0]].text if after else "the end of the stack"
+                why = ""
+                if _split(nxt)[1:] == ("substack", ["common-auth"]):
+                    why = (
+                        " (a wrong password inside a substack ends only the substack: the code would still be "
+                        "asked, and a wrong one counted against the lockout, without the password)"
+                    )
+                problems.append(f"`@include common-auth` (the password) does not come right after it but `{nxt}`{why}")
+            else:
+                rest_of = [i for i in after if lines[i].origin[: len(password)] != password]
+                main = lines[rest_of[0]] if rest_of else None
+                if (
+                    main is None
+                    or not _is_code(main)
+                    or _split(main.text)[1] not in _BINDING
+                    or main.origin != lines[key].origin
+                ):
+                    problems.append("mfaguard's code line (`auth required ...`) does not come right after the password")
+        if problems:
+            findings.append(
+                Finding(
+                    "fail",
+                    topic,
+                    f"mfaguard's publickey check in {line.file} is not in the supported shape: " + "; ".join(problems),
+                    SHAPE_FIX,
+                )
+            )
+        elif service != "sshd":
+            findings.append(
+                Finding(
+                    "warn",
+                    topic,
+                    f"mfaguard's publickey check in {line.file} does nothing outside sshd: the password is "
+                    "always asked",
+                    "remove the check line and the code line after it",
+                )
+            )
+        else:
+            findings.append(
+                Finding(
+                    "ok",
+                    topic,
+                    f"publickey check in front of the password ({line.file}): after a key the code is asked, "
+                    "not the password",
+                )
+            )
+        findings += _check_line(line.text, line.file, topic, settings=False)
+    return findings, after_key
+
+
 def check_stack(service: str, pam_dir: Path, *, account_required: bool) -> list[Finding]:
     path = pam_dir / service
     topic = f"PAM {service}"
     if not path.is_file():
         return [Finding("ok", topic, f"{path} does not exist (the {service} program is not installed)")]
-    lines = _expand(path, pam_dir)
+    everything = _expand(path, pam_dir)
     findings = []
+    for line in everything:
+        if _is_check(line.text) and _split(line.text)[0] != "auth":
+            findings.append(
+                Finding(
+                    "fail",
+                    topic,
+                    f"`{line.text}` in {line.file}: mfaguard's publickey check works only in the auth stack",
+                    "remove that line",
+                )
+            )
     for kind in ("auth", "account"):
-        ours = [(i, f, line) for i, (f, line) in enumerate(lines) if _split(line)[0] == kind and is_mfaguard_line(line)]
+        lines = [line for line in everything if _split(line.text)[0] == kind]
+        after_key: set[int] = set()
+        if kind == "auth":
+            check_findings, after_key = _publickey_checks(service, lines, topic)
+            findings += check_findings
+            if service == "sshd" and not any(_is_check(line.text) for line in lines):
+                findings.append(
+                    Finding(
+                        "warn",
+                        topic,
+                        "no publickey check: an SSH login that already used a key is asked for the password "
+                        "as well as the code",
+                        SHAPE_FIX,
+                    )
+                )
+        ours = [i for i, line in enumerate(lines) if _is_code(line) and i not in after_key]
         if not ours:
             if kind == "account" and not account_required:
                 continue  # sudo's credential cache and NOPASSWD rules are the administrator's choice
@@ -158,7 +339,8 @@ def check_stack(service: str, pam_dir: Path, *, account_required: bool) -> list[
                 )
             )
             continue
-        index, file, line = ours[0]
+        index = ours[0]
+        file, line = lines[index].file, lines[index].text
         control = _split(line)[1]
         if control not in _BINDING:
             findings.append(
@@ -170,35 +352,50 @@ def check_stack(service: str, pam_dir: Path, *, account_required: bool) -> list[
                 )
             )
             continue
-        bypass = [
-            (f, other)
-            for i, (f, other) in enumerate(lines[:index])
-            if _split(other)[0] == kind and _can_skip(i, other, index)
-        ]
+        # A code line after a check ends the stack only on mfaguard's own success: not a bypass.
+        bypass = [lines[i] for i in range(index) if i not in after_key and _can_skip(lines, i, index)]
         if kind == "auth":
-            for f, other in lines[:index]:
-                kind_other, _, rest = _split(other)
-                if kind_other == "auth" and rest and rest[0].endswith("pam_env.so") and "user_readenv=1" in rest:
+            for other in lines[:index]:
+                _, _, rest = _split(other.text)
+                if rest and rest[0].endswith("pam_env.so") and "user_readenv=1" in rest:
                     findings.append(
                         Finding(
                             "fail",
                             topic,
-                            f"`{other}` in {f} lets users set PAM environment variables before "
-                            "mfaguard reads SSH_AUTH_INFO_0 (which names the security key of an SSH login)",
+                            f"`{other.text}` in {other.file} lets users set PAM environment variables before "
+                            "mfaguard reads SSH_AUTH_INFO_0 (which names the key of an SSH login)",
                             "drop user_readenv=1 from auth lines, or move pam_env to the session stack",
                         )
                     )
-        for f, other in bypass:
+            for c, check in enumerate(lines[:index]):
+                if not _is_check(check.text):
+                    continue
+                for i in range(c):
+                    if lines[i] not in bypass and _can_skip(lines, i, c):
+                        findings.append(
+                            Finding(
+                                "fail",
+                                topic,
+                                f"`{lines[i].text}` in {lines[i].file} can jump past mfaguard's publickey check onto "
+                                "the code line that ends the stack, skipping the password",
+                                "move it below mfaguard's lines, or drop it",
+                            )
+                        )
+        for other in bypass:
             findings.append(
                 Finding(
                     "fail",
                     topic,
-                    f"`{other}` in {f} comes before mfaguard and can end the {kind} stack or "
+                    f"`{other.text}` in {other.file} comes before mfaguard and can end the {kind} stack or "
                     "jump past mfaguard, skipping the code",
                     "move mfaguard's line above it, or drop it",
                 )
             )
         findings += _check_line(line, file, topic)
+        main_args = _split(line)[2][1:]
+        for key in sorted(after_key):
+            if _split(lines[key].text)[2][1:] != main_args:
+                findings += _check_line(lines[key].text, lines[key].file, topic)
         if not bypass:
             findings.append(Finding("ok", topic, f"mfaguard {kind} line is required ({file})"))
     return findings

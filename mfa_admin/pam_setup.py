@@ -2,8 +2,11 @@
 
 The mfaguard lines go right after the stack's password step (Debian's
 ``@include common-auth``) and its account step (``@include common-account``), with
-control ``required``. The original file is kept as ``FILE.mfaguard-orig`` and
-``uninstall`` puts it back.
+control ``required``. For sshd, two more lines go right in front of the password: the
+publickey check and the code line it leads to, so that a login that already used a key is
+asked for the code and not for the password (see pam_module/publickey_check.py and
+config/pam.d/sshd). The original file is kept as ``FILE.mfaguard-orig`` and ``uninstall``
+puts it back.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ SERVICES = ("sshd", "sudo", "sudo-i", "login", "su")
 # credential cache and NOPASSWD rules, su by root): they get the auth line only. sshd and
 # login get the account line too, which refuses a login whose auth phase skipped the code.
 ACCOUNT_LINE = ("sshd", "login")
+# sshd: the password step is skipped after a key, never the code.
+PUBLICKEY_CHECK = ("sshd",)
 BACKUP_SUFFIX = ".mfaguard-orig"
 MARKER = "# added by mfa-admin pam install"
 PAM_PYTHON = "/lib/security/pam_python.so"
@@ -46,6 +51,19 @@ def mfaguard_lines(config: str | None) -> tuple[str, str]:
     return (f"auth     required  {PAM_PYTHON} {args}", f"account  required  {PAM_PYTHON} {args}")
 
 
+# The only controls the publickey check and the code line right after it may have (doctor checks them).
+CHECK_CONTROL = "[success=ignore default=1]"
+AFTER_KEY_CONTROL = "[success=done ignore=ignore default=die]"
+
+
+def publickey_check_lines(config: str | None) -> tuple[str, str]:
+    """The check line, and the code line it leads to when sshd reports a key (which ends the stack)."""
+    return (
+        f"auth     {CHECK_CONTROL}  {PAM_PYTHON} {entry_file()} check=publickey-used venv={sys.prefix}",
+        f"auth     {AFTER_KEY_CONTROL}  {PAM_PYTHON} {module_args(config)}",
+    )
+
+
 def is_mfaguard_line(line: str) -> bool:
     return "pam_python.so" in line and "pam_mfaguard.py" in line and not line.lstrip().startswith("#")
 
@@ -66,11 +84,22 @@ def _insert_after(lines: list[str], kind: str, include: str, new: str) -> list[s
     return [*lines[:position], MARKER, new, *lines[position:]]
 
 
-def planned_stack(original: str, config: str | None, *, account: bool = True) -> str:
+def _insert_publickey_check(lines: list[str], config: str | None) -> list[str]:
+    """In front of ``@include common-auth``: the check, then the code line for a key login.
+    Without that line there is no password step to leave out, and the stack is left as it is."""
+    anchor = next((i for i, line in enumerate(lines) if line.split()[:2] == ["@include", "common-auth"]), None)
+    if anchor is None:
+        return lines
+    return [*lines[:anchor], MARKER, *publickey_check_lines(config), *lines[anchor:]]
+
+
+def planned_stack(original: str, config: str | None, *, account: bool = True, publickey_check: bool = False) -> str:
     lines = original.splitlines()
     if any(is_mfaguard_line(line) for line in lines):
         raise InvalidInput("mfaguard is already in this stack; run `mfa-admin pam uninstall` first to redo it")
     auth_line, account_line = mfaguard_lines(config)
+    if publickey_check:
+        lines = _insert_publickey_check(lines, config)
     lines = _insert_after(lines, "auth", "common-auth", auth_line)
     if account:
         lines = _insert_after(lines, "account", "common-account", account_line)
@@ -115,7 +144,8 @@ def plan_install(service: str, pam_dir: str, config: str | None) -> Plan:
     if path.is_symlink() or not path.is_file():
         raise InvalidInput(f"{path} does not exist or is not a regular file; is the {service} package installed?")
     before = path.read_text()
-    return Plan(path, before, planned_stack(before, config, account=service in ACCOUNT_LINE))
+    after = planned_stack(before, config, account=service in ACCOUNT_LINE, publickey_check=service in PUBLICKEY_CHECK)
+    return Plan(path, before, after)
 
 
 def guard_root(status_requirement: Requirement, root_active_devices: int) -> None:

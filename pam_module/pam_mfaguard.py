@@ -11,9 +11,14 @@ pam_module.adapter. Should that import fail, it falls back to site.addsitedir, w
 also runs the venv's .pth files (an editable install's finder).
 
 Whatever goes wrong here, the answer is a failure, never PAM_SUCCESS or PAM_IGNORE.
+
+A line with ``check=publickey-used`` is sshd's publickey check instead (pam_module/publickey_check.py):
+it answers PAM_SUCCESS only for a connection that has passed publickey, and PAM_IGNORE (which
+makes the stack ask for the password) for everything else, errors included.
 """
 
 import contextlib
+import importlib
 import importlib.machinery
 import os
 import site
@@ -25,6 +30,7 @@ import traceback
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _FALLBACK_LOG = "/var/log/mfaguard/mfaguard.log"
 _adapter = None
+_check = None
 
 
 def _option(argv, name):
@@ -119,9 +125,28 @@ class TrustedImports:
         return spec
 
 
+def _is_check(argv):
+    return _option(argv, "check") is not None
+
+
 def _load(argv):
-    global _adapter
+    """The module that handles this line: the adapter, or the publickey check for a check= line."""
+    global _adapter, _check
+    if _is_check(argv):
+        if _check is None:
+            _check = _import(argv, "pam_module.publickey_check")
+        return _check
     if _adapter is None:
+        _adapter = _import(argv, "pam_module.adapter")
+    return _adapter
+
+
+_paths = None  # (source, lib) once sys.path and the TrustedImports finder are set up
+
+
+def _import(argv, name):
+    global _paths
+    if _paths is None:
         venv = _option(argv, "venv") or os.path.join(os.path.dirname(_HERE), ".venv")
         lib = os.path.join(venv, "lib", f"python{sys.version_info[0]}.{sys.version_info[1]}", "site-packages")
         if not os.path.isdir(lib):
@@ -137,24 +162,27 @@ def _load(argv):
             raise RuntimeError("refusing to run mfaguard code that others can change: " + "; ".join(problems))
         sys.path[:] = [source, lib] + [p for p in sys.path if p not in (source, lib)]
         sys.meta_path.insert(0, TrustedImports([source, lib, venv]))
-        try:
-            from pam_module import adapter
-        except ImportError:
-            # A layout the fast path does not know: let site process the venv's .pth files.
-            before = [p for p in sys.path if p not in (source, lib)]
-            site.addsitedir(lib)
-            added = [p for p in sys.path if p not in before]
-            sys.path[:] = added + before
-            from pam_module import adapter
-
-        _adapter = adapter
-    return _adapter
+        _paths = (source, lib)
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        # A layout the fast path does not know: let site process the venv's .pth files.
+        source, lib = _paths
+        before = [p for p in sys.path if p not in (source, lib)]
+        site.addsitedir(lib)
+        added = [p for p in sys.path if p not in before]
+        sys.path[:] = added + before
+        return importlib.import_module(name)
 
 
 def pam_sm_authenticate(pamh, flags, argv):
     try:
         return _load(argv).authenticate(pamh, flags, argv)
     except BaseException:
+        if _is_check(argv):
+            # The publickey check proves nothing when it breaks: the stack asks for the password.
+            _log_failure(argv, "the publickey check failed with an internal error; the password is asked")
+            return pamh.PAM_IGNORE
         _log_failure(argv, "authentication failed with an internal error")
         return pamh.PAM_AUTH_ERR
 
@@ -164,7 +192,7 @@ def pam_sm_setcred(pamh, flags, argv):
         return _load(argv).setcred(pamh, flags, argv)
     except BaseException:
         _log_failure(argv, "setcred failed with an internal error")
-        return pamh.PAM_CRED_ERR
+        return pamh.PAM_IGNORE if _is_check(argv) else pamh.PAM_CRED_ERR
 
 
 def pam_sm_acct_mgmt(pamh, flags, argv):

@@ -10,7 +10,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from pam_helpers import ENTRY_FILE, PAM_D, Mfa, SystemUser, pamtester, require, totp_code, wait_for_fresh_step
+from pam_helpers import (
+    ENTRY_FILE,
+    PAM_D,
+    REPO,
+    Mfa,
+    SystemUser,
+    pamtester,
+    require,
+    totp_code,
+    wait_for_fresh_step,
+)
 
 MFA_ADMIN = str(Path(sys.executable).parent / "mfa-admin")
 
@@ -65,8 +75,15 @@ def test_install_then_uninstall_restores_the_original(mfa: Mfa, pam_copy: Path) 
         r = admin(mfa, "pam", "install", "--service", service, "--pam-dir", str(pam_copy))
         assert r.returncode == 0, r
         lines = (pam_copy / service).read_text().splitlines()
-        auth_at = next(i for i, line in enumerate(lines) if line.startswith("auth") and "pam_mfaguard.py" in line)
-        assert lines.index("@include common-auth") < auth_at
+        ours = [i for i, line in enumerate(lines) if line.startswith("auth") and "pam_mfaguard.py" in line]
+        password = lines.index("@include common-auth")
+        assert "required" in lines[ours[-1]].split()[:2] and password < ours[-1]
+        if service == "sshd":  # the publickey check and the code line after a key, right in front of the password
+            assert ours[:2] == [password - 2, password - 1]
+            assert "check=publickey-used" in lines[ours[0]] and "[success=ignore default=1]" in lines[ours[0]]
+            assert "[success=done ignore=ignore default=die]" in lines[ours[1]]
+        else:
+            assert len(ours) == 1
         has_account = any(line.startswith("account") and "pam_mfaguard.py" in line for line in lines)
         # sudo keeps its credential cache and NOPASSWD rules working: no account line there.
         assert has_account is account
@@ -250,3 +267,141 @@ def test_doctor_reads_controls_as_linux_pam_does(mfa: Mfa, pam_copy: Path) -> No
         (pam_copy / "sudo").write_text(installed.replace("@include common-auth", extra + "@include common-auth", 1))
         sudo = [f for f in doctor(mfa, pam_copy) if f["topic"] == "PAM sudo"]
         assert any(f["level"] == "fail" and "sufficient" in f["text"].lower() for f in sudo), (extra, sudo)
+
+
+# -- sshd's publickey check: the one supported shape ------------------------------------------------------
+
+SHAPE = "not in the supported shape"
+
+
+def installed_sshd(mfa: Mfa, pam_copy: Path) -> str:
+    mfa.enroll("root")
+    assert admin(mfa, "pam", "install", "--service", "sshd", "--pam-dir", str(pam_copy)).returncode == 0
+    return (pam_copy / "sshd").read_text()
+
+
+def sshd_findings(mfa: Mfa, pam_copy: Path, text: str) -> list[dict[str, str]]:
+    (pam_copy / "sshd").write_text(text)
+    return [f for f in doctor(mfa, pam_copy) if f["topic"] == "PAM sshd"]
+
+
+def auth_line_of(text: str, needle: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith("auth") and needle in line)
+
+
+def test_doctor_accepts_the_installed_and_the_shipped_sshd_stacks(mfa: Mfa, pam_copy: Path) -> None:
+    installed = installed_sshd(mfa, pam_copy)
+    findings = sshd_findings(mfa, pam_copy, installed)
+    assert {f["level"] for f in findings} == {"ok"}, findings
+    assert any("publickey check in front of the password" in f["text"] for f in findings)
+    # config/pam.d/sshd holds the same auth lines as `pam install` writes, with /opt/mfaguard paths.
+    shipped = (REPO / "config" / "pam.d" / "sshd").read_text()
+    for placeholder, here in (
+        ("/opt/mfaguard/pam_module/pam_mfaguard.py", str(ENTRY_FILE)),
+        ("venv=/opt/mfaguard/.venv", f"venv={sys.prefix}"),
+        ("config=/etc/mfaguard/mfaguard.yaml", f"config={mfa.config}"),
+    ):
+        shipped = shipped.replace(placeholder, here)
+
+    def auth_part(text: str) -> list[str]:
+        return [
+            " ".join(line.split())
+            for line in text.splitlines()
+            if line.split()[:1] == ["auth"] or line.split()[:2] == ["@include", "common-auth"]
+        ]
+
+    assert auth_part(shipped) == auth_part(installed)
+    findings = sshd_findings(mfa, pam_copy, shipped)
+    assert {f["level"] for f in findings} == {"ok"}, findings
+
+
+def test_doctor_warns_about_an_sshd_stack_without_the_publickey_check(mfa: Mfa, pam_copy: Path) -> None:
+    installed = installed_sshd(mfa, pam_copy)
+    check = auth_line_of(installed, "check=publickey-used")
+    after_key = auth_line_of(installed, "[success=done")
+    old_style = installed.replace(check + "\n", "").replace(after_key + "\n", "")
+    findings = sshd_findings(mfa, pam_copy, old_style)
+    assert [f["level"] for f in findings if f["level"] != "ok"] == ["warn"], findings
+    assert any("asked for the password as well as the code" in f["text"] for f in findings)
+
+
+@pytest.mark.parametrize(
+    ("mutation", "expected"),
+    [
+        ("check [success=1 default=ignore]", "its control is '[success=1 default=ignore]'"),
+        ("check sufficient", "its control is 'sufficient'"),
+        ("check required", "its control is 'required'"),
+        ("check [success=ignore default=2]", "its control is '[success=ignore default=2]'"),
+        ("after-key required", "the code line after it has control 'required'"),
+        ("after-key [success=done default=ignore]", "the code line after it has control"),
+        ("no after-key line", "the next line is not mfaguard's code line"),
+        ("substack", "ends only the substack"),
+        ("no code line after the password", "does not come right after the password"),
+        ("a module between the password and the code", "does not come right after the password"),
+        ("another check", "the only check there is is check=publickey-used"),
+        ("jump onto the after-key line", "can jump past mfaguard's publickey check"),
+        ("an account line with the check", "works only in the auth stack"),
+    ],
+)
+def test_doctor_fails_a_publickey_check_out_of_shape(mutation: str, expected: str, mfa: Mfa, pam_copy: Path) -> None:
+    installed = installed_sshd(mfa, pam_copy)
+    check = auth_line_of(installed, "check=publickey-used")
+    after_key = auth_line_of(installed, "[success=done")
+    code = auth_line_of(installed, "  required  ")
+    words = mutation.split()
+    if words[0] == "check" and len(words) > 1:
+        text = installed.replace(check, check.replace("[success=ignore default=1]", mutation[len("check ") :]))
+    elif words[0] == "after-key" and len(words) > 1:
+        text = installed.replace(
+            after_key, after_key.replace("[success=done ignore=ignore default=die]", mutation[len("after-key ") :])
+        )
+    elif mutation == "no after-key line":
+        text = installed.replace(after_key + "\n", "")
+    elif mutation == "substack":
+        text = installed.replace("\n@include common-auth\n", "\nauth substack common-auth\n")
+    elif mutation == "no code line after the password":
+        text = installed.replace(code + "\n", "")
+    elif mutation == "a module between the password and the code":
+        text = installed.replace(code, "auth optional pam_permit.so\n" + code)
+    elif mutation == "another check":
+        text = installed.replace("check=publickey-used", "check=password-used")
+    elif mutation == "jump onto the after-key line":
+        text = installed.replace(check, "auth [success=1 default=ignore] pam_permit.so\n" + check)
+    elif mutation == "an account line with the check":
+        account = next(line for line in installed.splitlines() if line.startswith("account") and "mfaguard" in line)
+        text = installed.replace(account, account + "\n" + check.replace("auth", "account", 1))
+    else:
+        raise AssertionError(mutation)
+    assert text != installed
+    findings = sshd_findings(mfa, pam_copy, text)
+    fails = [f for f in findings if f["level"] == "fail"]
+    assert any(expected in f["text"] for f in fails), (mutation, findings)
+    if SHAPE in " ".join(f["text"] for f in fails):
+        assert any("config/pam.d/sshd" in f["fix"] for f in fails if SHAPE in f["text"])
+
+
+def test_doctor_counts_a_substack_as_one_module_when_jumping(mfa: Mfa, pam_copy: Path) -> None:
+    """Linux-PAM skips a whole substack as one module, and a jump or `done` inside a substack stays in it."""
+    mfa.enroll("root")
+    assert admin(mfa, "pam", "install", "--service", "sudo", "--pam-dir", str(pam_copy)).returncode == 0
+    installed = (pam_copy / "sudo").read_text()
+
+    def sudo_findings(replacement: str) -> list[dict[str, str]]:
+        (pam_copy / "sudo").write_text(installed.replace("@include common-auth", replacement, 1))
+        return [f for f in doctor(mfa, pam_copy) if f["topic"] == "PAM sudo"]
+
+    # Over the substack (one module, though common-auth has several lines) onto mfaguard: no bypass.
+    assert {
+        f["level"] for f in sudo_findings("auth [success=1 default=ignore] pam_permit.so\nauth substack common-auth")
+    } == {"ok"}
+    # Two modules on: past mfaguard, whatever common-auth's length.
+    found = sudo_findings("auth [success=2 default=ignore] pam_permit.so\nauth substack common-auth")
+    assert any(f["level"] == "fail" and "jump past mfaguard" in f["text"] for f in found), found
+    # A jump taken on failure skips as well as one taken on success.
+    found = sudo_findings("auth [success=ok default=2] pam_permit.so\nauth substack common-auth")
+    assert any(f["level"] == "fail" and "jump past mfaguard" in f["text"] for f in found), found
+    # `sufficient` inside a substack ends only the substack; @included, it ends the whole stack.
+    (pam_copy / "extra-auth").write_text("auth sufficient pam_permit.so\n")
+    assert {f["level"] for f in sudo_findings("@include common-auth\nauth substack extra-auth")} == {"ok"}
+    found = sudo_findings("@include common-auth\n@include extra-auth")
+    assert any(f["level"] == "fail" and "sufficient" in f["text"] for f in found), found
