@@ -22,10 +22,12 @@ import asyncio
 import os
 import re
 import secrets
+import shlex
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -117,14 +119,31 @@ def key_blob(pub: Path) -> str:
 # -- sshd with the shipped fragment ------------------------------------------------------------------------
 
 
-def shipped_fragment(mfa: Mfa) -> str:
+@pytest.fixture(scope="module")
+def command_path() -> Iterator[Path]:
+    """Where sshd runs the AuthorizedKeysCommand from: a root-owned 0755 folder under /run holding a
+    wrapper that execs the venv's real mfa-admin. sshd refuses a command with any folder above it that
+    is not root-owned or is group- or world-writable, and a checkout (CI's included) may live under /tmp."""
+    require(os.geteuid() == 0, "needs root (sshd, PAM files, test users)")
+    folder = Path(tempfile.mkdtemp(prefix="mfaguard-test-akc-", dir="/run"))
+    try:
+        os.chmod(folder, 0o755)  # noqa: S103 - sshd needs to traverse it; root-owned, not writable
+        wrapper = folder / "mfa-admin"
+        wrapper.write_text(f'#!/bin/sh\nexec {shlex.quote(str(MFA_ADMIN))} "$@"\n')
+        os.chmod(wrapper, 0o755)  # noqa: S103 - executable, not writable
+        yield wrapper
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def shipped_fragment(mfa: Mfa, command: Path) -> str:
     """config/sshd_config.d/mfaguard.conf with its AuthorizedKeysCommand lines turned on for this test."""
     text = FRAGMENT.read_text()
     for line in ("#AuthorizedKeysCommand ", "#AuthorizedKeysCommandUser "):
         assert f"\n{line}" in text, f"{FRAGMENT} no longer has a commented {line.strip('# ')} line"
         text = text.replace(f"\n{line}", f"\n{line[1:]}")
     for shipped, here in (
-        ("/opt/mfaguard/.venv/bin/mfa-admin", str(MFA_ADMIN)),
+        ("/opt/mfaguard/.venv/bin/mfa-admin", str(command)),
         ("/etc/mfaguard/mfaguard.yaml", str(mfa.config)),
     ):
         assert shipped in text, f"{FRAGMENT}: expected {shipped} in its AuthorizedKeysCommand line"
@@ -144,7 +163,7 @@ class Sshd:
 
 
 @pytest.fixture
-def sshd(tmp_path: Path, mfa: Mfa) -> Iterator[Callable[..., Sshd]]:
+def sshd(tmp_path: Path, mfa: Mfa, command_path: Path) -> Iterator[Callable[..., Sshd]]:
     """Start real sshd instances on 127.0.0.1 (free ports), each through a symlink named after its own
     PAM service: the key is the first factor, mfaguard's auth line the second, mfaguard's account line
     after pam_unix. sshd, its PAM file and /run/sshd (if we made it) are removed afterwards."""
@@ -182,7 +201,7 @@ def sshd(tmp_path: Path, mfa: Mfa) -> Iterator[Callable[..., Sshd]]:
         config.write_text(
             f"Port {port}\nListenAddress 127.0.0.1\nHostKey {folder}/hostkey\nPidFile {folder}/sshd.pid\n"
             "PubkeyAuthentication yes\nPermitRootLogin no\nStrictModes yes\nLogLevel VERBOSE\n"
-            f"MaxAuthTries 6\nUseDNS no\n{extra}\n{shipped_fragment(mfa)}"
+            f"MaxAuthTries 6\nUseDNS no\n{extra}\n{shipped_fragment(mfa, command_path)}"
         )
         link = folder / service
         link.symlink_to(SSHD)
