@@ -27,7 +27,10 @@ MFA_ADMIN = str(Path(sys.executable).parent / "mfa-admin")
 
 @pytest.fixture
 def pam_copy(tmp_path: Path) -> Path:
-    """A copy of the host's PAM folder: the files `pam install` edits, for real, but not in /etc."""
+    """A copy of the host's PAM folder: the files `pam install` edits, for real, but not in /etc.
+
+    Each file as the distribution shipped it: where mfaguard is installed on this machine, the copy
+    `pam install` kept (NAME.mfaguard-orig) stands in, so the tests start from a stack without it."""
     folder = tmp_path / "pam.d"
     folder.mkdir()
     for name in (
@@ -42,7 +45,12 @@ def pam_copy(tmp_path: Path) -> Path:
     ):
         source = PAM_D / name
         require(source.is_file(), f"{source} missing: apt-get install openssh-server sudo login")
-        shutil.copy(source, folder / name)
+        kept = PAM_D / f"{name}.mfaguard-orig"
+        shutil.copy(kept if kept.is_file() else source, folder / name)
+        require(
+            "pam_mfaguard" not in (folder / name).read_text(),
+            f"{source} holds mfaguard lines but no {kept.name}: run `mfa-admin pam uninstall` or restore it",
+        )
     return folder
 
 
@@ -108,7 +116,9 @@ def test_uninstall_keeps_edits_made_after_install(mfa: Mfa, pam_copy: Path) -> N
     assert "still in" in r.stdout
 
 
-def test_install_refuses_without_a_settings_file_and_for_an_operator_without_device(mfa: Mfa, pam_copy: Path) -> None:
+def test_install_refuses_without_a_settings_file(pam_copy: Path) -> None:
+    default = Path("/etc/mfaguard/mfaguard.yaml")
+    require(not default.exists(), f"{default} exists on this machine: this test needs a machine without it")
     r = subprocess.run(
         [MFA_ADMIN, "pam", "install", "--service", "sudo", "--pam-dir", str(pam_copy)],
         capture_output=True,
@@ -116,6 +126,10 @@ def test_install_refuses_without_a_settings_file_and_for_an_operator_without_dev
         env={"PATH": "/usr/bin:/bin", "MFAGUARD_CONFIG": ""},
     )
     assert r.returncode == 3 and "refuses to run without one" in r.stderr
+    assert "pam_mfaguard" not in (pam_copy / "sudo").read_text()
+
+
+def test_install_refuses_for_an_operator_without_device(mfa: Mfa, pam_copy: Path) -> None:
     mfa.enroll("root")
     env = {"PATH": "/usr/bin:/bin", "SUDO_USER": "operator-without-device"}
     r = subprocess.run(
