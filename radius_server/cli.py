@@ -64,7 +64,10 @@ def log_to_file(settings: Settings) -> None:
     path = settings.logging.file
     try:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        handler = logging.FileHandler(path, encoding="utf-8")
+        # Mode 0600 and no symlink followed, as the PAM module opens the same file.
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        stream = os.fdopen(fd, "a", encoding="utf-8")
+        handler = logging.StreamHandler(stream)
     except OSError as exc:
         log.warning("cannot write the log file %s (%s); logging to stderr only", path, exc.strerror or exc)
         return
@@ -105,6 +108,20 @@ class PortInUse(Exception):
     pass
 
 
+def notify_ready() -> None:
+    """Tell systemd (Type=notify) that the server is up, so that it queues a reload until then."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # an abstract socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(b"READY=1", address)
+    except OSError as exc:
+        log.warning("could not notify systemd that mfa-radiusd is ready: %s", exc)
+
+
 async def serve(
     path: str, loaded: Loaded, types: p.AttributeTypes, sockets: list[socket.socket], worker: Worker | None = None
 ) -> int:
@@ -132,11 +149,15 @@ async def serve(
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     shown = ", ".join(
-        f"[{h}]:{s.getsockname()[1]}" if ":" in h else f"{h}:{s.getsockname()[1]}"
-        for (h, _), s in zip(loaded.settings.radius.listen, sockets, strict=True)
+        f"[{s.getsockname()[0]}]:{s.getsockname()[1]}"
+        if s.family == socket.AF_INET6
+        else f"{s.getsockname()[0]}:{s.getsockname()[1]}"
+        for s in sockets
     )
-    who = f"worker {worker.index + 1} of {worker.count}" if worker is not None else "mfa-radiusd"
+    who = f"worker {worker.index} of {worker.count}" if worker is not None else "mfa-radiusd"
     log.info("%s (pid %d) listening on %s (%d clients)", who, os.getpid(), shown, len(loaded.settings.radius.clients))
+    if worker is None:
+        notify_ready()
     await stop.wait()
     log.info("stopping")
     await server.stop()
@@ -150,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
     parser.add_argument("--debug", action="store_true", help="log every dropped packet")
     args = parser.parse_args(argv)
+    # A SIGHUP before the event loop's handler is in place would end the process (its default action):
+    # `systemctl reload` right after a start must not stop the server. The loop's handler replaces this.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
         stream=sys.stderr,
@@ -186,10 +210,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if loaded.settings.radius.workers > 1:
             open_verifier(loaded.settings).close()  # a database that cannot open stops the start here
+            # What a worker started (or started again) gets: the configuration in force, which SIGHUP
+            # moves on in the master too, so a restarted worker does not bring an old one back.
+            current = [loaded]
+
+            def reload_master() -> None:
+                try:
+                    current[0] = load(args.config, types)
+                except (MfaguardError, OSError) as exc:
+                    log.error("reload refused, keeping the running configuration: %s", exc)
+                    return
+                log.info("master reloaded %s: workers started from now on use it", args.config)
+
             # The database is opened by each worker after the fork: a connection never crosses one.
             return supervise(
                 loaded.settings.radius.workers,
-                lambda worker: _run_worker(runner, args.config, loaded, types, sockets, worker),
+                lambda worker: _run_worker(runner, args.config, current[0], types, sockets, worker),
+                on_hup=reload_master,
+                on_started=notify_ready,
             )
         return runner(serve(args.config, loaded, types, sockets))
     except MfaguardError as exc:
@@ -207,7 +245,7 @@ def _run_worker(
     try:
         return int(runner(serve(path, loaded, types, sockets, worker)))
     except MfaguardError as exc:
-        log.error("worker %d: %s", worker.index + 1, exc)
+        log.error("worker %d: %s", worker.index, exc)
         return EXIT_DATABASE
 
 

@@ -44,6 +44,7 @@ MAX_BATCH = 256
 MAX_IN_FLIGHT = 20_000  # requests being decided at once; beyond it new ones are dropped (the NAS retransmits)
 MAX_DROP_AUDITS_PER_SECOND = 20  # per client: a spoofed flood must not fill the audit log
 LOG_INTERVAL = 60.0  # seconds between log lines about one source's dropped packets
+MAX_LOG_LINES_PER_MINUTE = 100  # all such lines together
 
 Reply = tuple[int, list[tuple[int, bytes]]] | None  # (code, attributes) or None to drop
 
@@ -110,9 +111,15 @@ class PendingState:
 
 
 class RateLimitedLog:
+    """One line per key a minute, and at most MAX_LOG_LINES_PER_MINUTE lines a minute in all: spoofed
+    source addresses are free to make, so a per-address limit alone would not bound the log."""
+
     def __init__(self) -> None:
         self._last: dict[str, float] = {}
         self._suppressed: collections.Counter[str] = collections.Counter()
+        self._window = 0.0
+        self._lines = 0
+        self._over_budget = 0
 
     def warning(self, key: str, msg: str, *args: Any) -> None:
         now = time.monotonic()
@@ -120,6 +127,16 @@ class RateLimitedLog:
         if last is not None and now - last < LOG_INTERVAL:
             self._suppressed[key] += 1
             return
+        if now - self._window >= LOG_INTERVAL:
+            if self._over_budget:
+                log.warning(
+                    "%d more log lines about dropped packets were left out in the last minute", self._over_budget
+                )
+            self._window, self._lines, self._over_budget = now, 0, 0
+        if self._lines >= MAX_LOG_LINES_PER_MINUTE:
+            self._over_budget += 1
+            return
+        self._lines += 1
         if len(self._last) > 10000:
             self._last.clear()
         self._last[key] = now
@@ -318,6 +335,9 @@ class RadiusServer:
         for index, sock in enumerate(sockets):
             proto = _Protocol(self, index)
             transport, _ = await self.loop.create_datagram_endpoint(lambda proto=proto: proto, sock=sock)
+            # uvloop turns SO_REUSEADDR on for a socket it is given; with it on, any local user could bind
+            # the same address and port (SO_REUSEADDR too) and receive the NAS's requests. Off again.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
             self.transports.append(transport)
             self.protocols.append(proto)
         if self.worker is not None:
@@ -383,7 +403,15 @@ class RadiusServer:
             return False
         handed = router.hand_over(owner, proto.index, addr, data)
         if handed is None:
-            return False  # too large for an atomic hand-over (near 4 KiB): served where it was read
+            # Too large for an atomic hand-over (near 4 KiB). Serving it here would let each worker
+            # verify its retransmissions once (its own cache): dropped, so the code is verified once.
+            self.ratelog.warning(
+                f"large:{addr[0]}",
+                "dropped a %d-byte request from %s: too large to hand to its worker (radius.workers > 1)",
+                len(data),
+                addr[0],
+            )
+            return True
         if not handed:
             self.ratelog.warning("handover", "worker %d is not keeping up; dropped a request for it", owner)
         return True

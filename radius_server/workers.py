@@ -145,9 +145,15 @@ class Worker:
         self.gate = WriteGate(gate_fd)
 
 
-def supervise(count: int, run_worker: Callable[[Worker], int]) -> int:
-    """Fork ``count`` workers, pass SIGHUP on, stop them all on SIGTERM/SIGINT, restart one that
-    dies (at most MAX_RESTARTS_PER_MINUTE times a minute, then stop with exit status 1)."""
+def supervise(
+    count: int,
+    run_worker: Callable[[Worker], int],
+    on_hup: Callable[[], None] | None = None,
+    on_started: Callable[[], None] | None = None,
+) -> int:
+    """Fork ``count`` workers, pass SIGHUP on (after ``on_hup``, the master's own reload), stop them all
+    on SIGTERM/SIGINT, restart one that dies (at most MAX_RESTARTS_PER_MINUTE times a minute, then
+    stop with exit status 1)."""
     pipes = [os.pipe() for _ in range(count)]
     for read_end, write_end in pipes:
         os.set_blocking(read_end, False)
@@ -162,8 +168,10 @@ def supervise(count: int, run_worker: Callable[[Worker], int]) -> int:
         if pid == 0:
             code = 1
             try:
-                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                for sig in (signal.SIGTERM, signal.SIGINT):
                     signal.signal(sig, signal.SIG_DFL)
+                # Ignored until the worker's loop installs its reload handler: the default would kill it.
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
                 _die_with_parent()
                 for i, (read_end, _) in enumerate(pipes):
                     if i != index:
@@ -189,16 +197,20 @@ def supervise(count: int, run_worker: Callable[[Worker], int]) -> int:
         stopping = True
         pass_on(signal.SIGTERM)
 
-    def on_hup(signum: int, frame: Any) -> None:
+    def on_sighup(signum: int, frame: Any) -> None:
+        if on_hup is not None:
+            on_hup()
         pass_on(signal.SIGHUP)
 
     restarts: collections.deque[float] = collections.deque()
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
-    signal.signal(signal.SIGHUP, on_hup)
+    signal.signal(signal.SIGHUP, on_sighup)
     try:
         for index in range(count):
             spawn(index)
+        if on_started is not None:
+            on_started()  # the sockets are bound: requests wait in them until a worker reads
         while children:
             try:
                 pid, status = os.wait()

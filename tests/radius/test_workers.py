@@ -8,6 +8,7 @@ be unknown to the worker that reads the answer.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -174,3 +175,116 @@ def test_handover_framing_survives_a_stream_cut_anywhere() -> None:
 @pytest.mark.parametrize("name", [b"alice", b"bob", "ünïcode".encode(), b""])
 def test_owner_is_stable_and_in_range(name: bytes) -> None:
     assert owner_of(name, 3) == owner_of(name, 3) and 0 <= owner_of(name, 3) < 3
+
+
+def _exempt_config(renv: RadiusEnv, port: int, exempt: list[str]) -> str:
+    radius = {"listen": [f"127.0.0.1:{port}"], "first_factor": "none", "clients": [client("otp-only")]}
+    radius["workers"] = WORKERS
+    return renv.config_text(radius, extra="enforcement: " + json.dumps({"exempt_users": exempt}) + "\n")
+
+
+def test_a_worker_started_after_a_reload_serves_the_reloaded_configuration(renv: RadiusEnv, udp: Any) -> None:
+    # The fault: a restarted worker came back with the settings of the start, undoing a SIGHUP; a user
+    # whose exemption had been removed got an Accept without a code again.
+    port = free_udp_port()
+    exempt = renv.enroll()
+    config = renv.write_config({"clients": []})
+    config.write_text(_exempt_config(renv, port, [exempt.user]))
+    daemon = renv.start(config, wait=False)
+    daemon.port = port
+    deadline = time.monotonic() + 20
+    while daemon.text().count("listening on") < WORKERS:
+        assert time.monotonic() < deadline and daemon.proc.poll() is None, daemon.text()
+        time.sleep(0.05)
+    c = udp(port)
+    request, _ = access_request(exempt.user, exempt.wrong())
+    assert check_reply(c.ask(request), request) == p.ACCESS_ACCEPT  # exempt: no code needed
+    config.write_text(_exempt_config(renv, port, []))
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_for("master reloaded")
+    deadline = time.monotonic() + 20
+    while daemon.text().count("reloaded ") < WORKERS + 1:
+        assert time.monotonic() < deadline, daemon.text()
+        time.sleep(0.05)
+    owner = owner_of(exempt.user.encode(), WORKERS)
+    os.kill(worker_pids(daemon)[owner], signal.SIGKILL)
+    daemon.wait_for("starting it again")
+    while daemon.text().count("listening on") < WORKERS + 1:
+        assert time.monotonic() < deadline + 20, daemon.text()
+        time.sleep(0.05)
+    again, _ = access_request(exempt.user, exempt.wrong())
+    assert check_reply(c.ask(again), again) == p.ACCESS_REJECT, daemon.text()
+
+
+def wait_until_sighup_ignored(pid: int) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/status") as status:
+            ignored = next(int(line.split()[1], 16) for line in status if line.startswith("SigIgn:"))
+        if ignored & (1 << (signal.SIGHUP - 1)):
+            return
+        time.sleep(0.002)
+    raise AssertionError("mfa-radiusd never set SIGHUP aside")
+
+
+def test_sighup_at_any_moment_of_a_start_or_a_restart_stops_nothing(renv: RadiusEnv, udp: Any) -> None:
+    # The fault: SIGHUP's default action ended a worker (or the master) started a moment before.
+    port = free_udp_port()
+    radius = {"listen": [f"127.0.0.1:{port}"], "first_factor": "none", "clients": [client("otp-only")]}
+    config = renv.write_config({**radius, "workers": WORKERS})
+    daemon = renv.start(config, wait=False)
+    daemon.port = port
+    wait_until_sighup_ignored(daemon.proc.pid)  # the interpreter's own start-up comes before any handler
+    for _ in range(40):  # during the master's start and the workers' starts
+        daemon.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.01)
+    deadline = time.monotonic() + 20
+    while daemon.text().count("listening on") < WORKERS:
+        assert time.monotonic() < deadline and daemon.proc.poll() is None, daemon.text()
+        time.sleep(0.05)
+    os.kill(worker_pids(daemon)[0], signal.SIGKILL)
+    daemon.wait_for("starting it again")
+    for _ in range(40):  # during the restarted worker's start
+        daemon.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.01)
+    time.sleep(1)
+    assert daemon.proc.poll() is None, daemon.text()
+    assert "workers keep exiting" not in daemon.text()
+    clear_of_step_boundary()
+    for _ in range(6):
+        u = renv.enroll()
+        request, _ = access_request(u.user, u.code())
+        assert check_reply(udp(port).ask(request), request) == p.ACCESS_ACCEPT
+    single = renv.write_config({"listen": [f"127.0.0.1:{free_udp_port()}"], "first_factor": "none", "clients": []})
+    one = renv.start(single, wait=False)
+    wait_until_sighup_ignored(one.proc.pid)
+    for _ in range(30):
+        one.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.01)
+    one.wait_for("listening on")
+    assert one.proc.poll() is None
+
+
+def test_a_request_too_large_to_hand_over_is_dropped_not_verified_twice(renv: RadiusEnv, udp: Any) -> None:
+    # The fault: such a request was served by whichever worker read it, each with its own cache, so its
+    # retransmissions were verified again (a replay Reject, a failure counted) by the other workers.
+    daemon = start_workers(renv, [client("otp-only")])
+    clear_of_step_boundary()
+
+    def vsa(size: int) -> tuple[int, bytes]:  # a Vendor-Specific attribute (unknown vendor) of `size` bytes
+        return (26, (9).to_bytes(4, "big") + bytes([1, size - 6]) + b"x" * (size - 8))
+
+    for _ in range(3):
+        u = renv.enroll()
+        small, _ = access_request(u.user, u.code())
+        room = 4085 - len(small)
+        big, _ = access_request(u.user, u.code(), extra=[vsa(253)] * (room // 253) + [vsa(room % 253 or 253)])
+        assert 4050 < len(big) <= 4096, len(big)
+        c = udp(daemon.port)
+        replies = [c.ask(big, timeout=0.5) for _ in range(6)]
+        # Read by the owner it is served once and its copies get the cached reply; read by another worker
+        # it is dropped. Never two different answers, and never a second verification.
+        answered = [r for r in replies if r is not None]
+        assert all(r == answered[0] for r in answered)
+        rows = [r["reason"] for r in renv.audit(u.user) if r["event"] == "auth"]
+        assert rows in ([], ["accepted"]), rows
