@@ -520,14 +520,30 @@ _SPEC = _Section(
 # YAML walking with line numbers.
 
 
+_DECIMAL = re.compile(r"[-+]?(0|[1-9][0-9]*)", re.ASCII)
+
+
 def _scalar_value(node: yaml.Node) -> Any:
-    """The Python value of a node. A tag or value YAML cannot build is refused at its own line."""
+    """The Python value of a node. A tag or value YAML cannot build is refused at its own line.
+
+    YAML 1.1 (PyYAML's) also reads 0x10, 0b10, 010 (octal: 8), 1_000 and 1:00 (sexagesimal: 60) as
+    integers: a setting written so almost never means what it reads as, so integers are decimal only."""
+    if node.tag == "tag:yaml.org,2002:int" and isinstance(node.value, str) and not _DECIMAL.fullmatch(node.value):
+        raise _Bad(
+            f"{node.value!r} is not a plain decimal integer",
+            "an integer in decimal digits (no 0x or 0b prefix, leading zero, _ or :)",
+            node.start_mark.line + 1,
+        )
     try:
         return yaml.SafeLoader("").construct_object(node, deep=True)
     except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:
         problem = getattr(exc, "problem", None) or str(exc)
         line = node.start_mark.line + 1
-        raise _Bad(f"cannot read this value ({problem})", "plain YAML values, without tags", line) from None
+        if node.tag == "tag:yaml.org,2002:timestamp":
+            allowed = "a real date and time, such as 2026-12-31T23:59:00Z"
+        else:
+            allowed = "plain YAML values, without tags"
+        raise _Bad(f"cannot read this value ({problem})", allowed, line) from None
 
 
 def _build(section: _Section, node: yaml.Node | None, path: str, src: str) -> Any:

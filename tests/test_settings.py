@@ -319,3 +319,17 @@ def test_the_example_config_parses_and_equals_the_defaults() -> None:
     text = EXAMPLE.read_text(encoding="utf-8")
     parsed = parse_settings(text, source=str(EXAMPLE))
     assert settings_as_dict(parsed) == settings_as_dict(Settings())
+
+
+@pytest.mark.parametrize("written", ["0x2", "0b10", "02", "1_0", "1:00"])
+def test_integers_are_decimal_only(written: str) -> None:
+    # YAML 1.1 reads 0x2, 0b10, 02 (octal), 1_0 and 1:00 (sexagesimal: 60) as integers.
+    with pytest.raises(ConfigError, match=r"t\.yaml:3: radius\.workers: .* is not a plain decimal integer"):
+        parse_settings(f"radius:\n  threads: 8\n  workers: {written}\n", "t.yaml")
+    assert parse_settings("radius:\n  workers: 2\n", "t.yaml").radius.workers == 2
+
+
+def test_an_impossible_date_says_what_a_date_looks_like() -> None:
+    text = "enforcement:\n  grace:\n    users: [alice]\n    until: 2026-13-45T00:00:00Z\n"
+    with pytest.raises(ConfigError, match=r"t\.yaml:4: .*such as 2026-12-31T23:59:00Z"):
+        parse_settings(text, "t.yaml")
