@@ -12,18 +12,29 @@ from dataclasses import dataclass
 from typing import Any
 
 from devicedb import backup_codes
-from devicedb.errors import InvalidInput, LockoutGuardError
+from devicedb.errors import InvalidInput, InvalidUserName, LockoutGuardError
 from devicedb.importers.google_authenticator import GoogleAuthenticatorFile
 from devicedb.importers.pam_u2f import AuthFile, U2fCredential
 from devicedb.kinds import hotp, totp, yubico
 from devicedb.models import Context, Device, LockState, Requirement
 from devicedb.policy import grace_applies, is_exempt
 from devicedb.settings import Settings
-from devicedb.store import Store, Tx
+from devicedb.store import Store, Tx, check_label
 from devicedb.usernames import canonical_user
 
 # A pending (unconfirmed) enrollment older than this is removed by the user's next enrollment.
 STALE_PENDING_SECONDS = 3600
+
+
+def local_login_name(user: str, what: str) -> str:
+    """A name that a local login (PAM: console, sudo, sshd) can carry. Kinds used only there refuse
+    a name with white space, which no login name holds (a RADIUS-only name may hold one)."""
+    if any(ch.isspace() for ch in user):
+        raise InvalidUserName(
+            f"user name {user!r} holds white space; {what} is used only by local logins (console, sudo, "
+            "SSH), whose login names never do"
+        )
+    return user
 
 
 def add_device(
@@ -253,7 +264,9 @@ class DeviceManager:
         """An OpenSSH security key (sk- type) that sshd will accept for this user."""
         from devicedb.kinds import ssh_sk
 
-        user = self.canonical(raw_user)
+        user = local_login_name(self.canonical(raw_user), "an SSH security key")
+        if label is not None:
+            check_label(label)
         key = ssh_sk.parse_public_key(line)
         with self.store.transaction() as tx:
             device_id = add_device(
@@ -276,6 +289,22 @@ class DeviceManager:
                 },
             )
             return tx.device(user, device_id)
+
+    def check_fido_enrollment(
+        self, raw_user: str, *, label: str | None = None, uv: str = "preferred", rp_id: str | None = None
+    ) -> tuple[str, str]:
+        """The arguments of enroll_fido, checked before any key is looked for or asked anything:
+        (canonical user, RP id), or InvalidInput / InvalidUserName naming what is wrong."""
+        from devicedb.kinds import fido2_key
+
+        if uv not in fido2_key.UV_POLICIES:
+            raise InvalidInput(f"--uv {uv!r} is not allowed; use one of {', '.join(fido2_key.UV_POLICIES)}")
+        user = local_login_name(self.canonical(raw_user), "a FIDO2 key")
+        if label is not None:
+            check_label(label)
+        if rp_id is not None:
+            return user, fido2_key.check_rp_id(rp_id)
+        return user, self.settings.fido.rp_id or fido2_key.default_rp_id()
 
     def enroll_fido(
         self,
@@ -309,10 +338,7 @@ class DeviceManager:
 
         from devicedb.kinds import fido2_key
 
-        if uv not in fido2_key.UV_POLICIES:
-            raise InvalidInput(f"--uv {uv!r} is not allowed; use one of {', '.join(fido2_key.UV_POLICIES)}")
-        user = self.canonical(raw_user)
-        rp = rp_id or self.settings.fido.rp_id or fido2_key.default_rp_id()
+        user, rp = self.check_fido_enrollment(raw_user, label=label, uv=uv, rp_id=rp_id)
         challenge = random.token_bytes(32)
         client_data = fido2_key.client_data_hash(challenge, rp)
         ctap = fido2_key.open_ctap2(device)
@@ -710,13 +736,11 @@ class DeviceManager:
         reported. A dry run does all of it, then rolls back."""
         from fido2 import cbor
 
-        from devicedb.errors import DuplicateDeviceError, InvalidUserName
+        from devicedb.errors import DuplicateDeviceError
         from devicedb.importers.pam_u2f import AuthFileError
         from devicedb.kinds import fido2_key
 
-        rp = rp_id or fido2_key.default_rp_id()
-        if not rp or len(rp) > 255 or not rp.isprintable() or rp != rp.strip():
-            raise InvalidInput(f"--origin {rp!r} is not 1-255 printable characters")
+        rp = fido2_key.default_rp_id() if rp_id is None else fido2_key.check_rp_id(rp_id, "--origin")
         problems: list[str] = list(authfile.problems)
         notes = [
             f"line {line} ({user}): not imported: pam_u2f reads only the last line of a user"

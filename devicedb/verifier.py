@@ -19,7 +19,7 @@ from devicedb.errors import InvalidUserName, MfaguardError, SealError
 from devicedb.kinds import Match, get_kind
 
 if TYPE_CHECKING:
-    from devicedb.kinds import fido2_key
+    from devicedb.kinds import fido2_key, ssh_sk
 from devicedb.models import (
     FIDO_REQUIRED,
     ONLY_SECURITY_KEYS,
@@ -356,15 +356,25 @@ class Verifier:
             log.error("could not write the audit row for an error decision (%s): %s", reason, exc)
         return Decision(Result.ERROR, reason, user)
 
-    def ssh_key_factor(self, raw_user: str | bytes, auth_info: str, context: Context) -> Decision | None:
+    def ssh_key_factor(
+        self,
+        raw_user: str | bytes,
+        auth_info: str,
+        context: Context,
+        *,
+        user_files: Callable[[], ssh_sk.UserKeyFiles] | None = None,
+    ) -> Decision | None:
         """The FIDO factor of an SSH login: sshd's SSH_AUTH_INFO_0 names a publickey login with one of
         the user's enabled security keys. Returns None when it names none (the caller asks for a code),
-        else the decision, audited: ACCEPTED, or LOCKED for a locked user."""
+        else the decision, audited: ACCEPTED, LOCKED for a locked user, or NO_USABLE_DEVICE when the
+        key does not count because ``user_files`` (the user's own authorized_keys, read by the front
+        end when called) hold it with weaker options or cannot be checked, or were not given."""
         try:
             from devicedb.kinds import ssh_sk
 
             if not ssh_sk.used_keys(auth_info):
                 return None
+            found = user_files() if user_files is not None else None
             user = canonical_user(raw_user, self.settings.usernames)
             with self.store().transaction() as tx:
                 keys = [d for d in tx.devices(user) if d.kind == ssh_sk.KIND and d.usable]
@@ -374,6 +384,11 @@ class Verifier:
                 if tx.lock_state(user).locked_at(tx.now):
                     tx.audit("auth", user, context, reason="locked", device_id=device.id)
                     return Decision(Result.LOCKED, "locked", user, device.id)
+                weakened = ssh_sk.user_files_weaken(device, found)
+                if weakened is not None:
+                    reason = f"ssh security key not counted: {weakened}"
+                    tx.audit("auth", user, context, reason=reason, device_id=device.id, detail={"kind": ssh_sk.KIND})
+                    return Decision(Result.NO_USABLE_DEVICE, reason, user, device.id)
                 tx.touch_device(device)
                 tx.record_success(user)
                 tx.audit(

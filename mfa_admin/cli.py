@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TextIO
 
 from devicedb import errors
+from devicedb.kinds import hotp
 from devicedb.manage import DeviceManager
 from devicedb.models import Context, Device, Requirement, Result
 from devicedb.settings import Settings, load_settings
@@ -94,18 +95,25 @@ def iso(ts: float | None) -> str:
 
 _RELATIVE = re.compile(r"(\d+)([smhdw])", re.ASCII)
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+MAX_SINCE_SECONDS = 36_500 * 86400  # a relative --since reaches back at most about 100 years
 
 
 def parse_since(text: str, now: float) -> float:
     """`30m`, `2h`, `7d`, `1w`, a date `2026-12-01` or a time `2026-12-01T08:00:00Z` (UTC if no zone)."""
     m = _RELATIVE.fullmatch(text.strip())
     if m:
+        if len(m.group(1)) > 12 or int(m.group(1)) * _UNITS[m.group(2)] > MAX_SINCE_SECONDS:
+            raise CliError(
+                f"--since {_shown(text)} reaches back more than {MAX_SINCE_SECONDS // 86400:,} days; "
+                "use a smaller amount (30m, 2h, 7d, 1w) or a date such as 2026-12-01",
+                EXIT_USAGE,
+            )
         return now - int(m.group(1)) * _UNITS[m.group(2)]
     try:
         when = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
         raise CliError(
-            f"--since {text!r} is not understood; use 30m, 2h, 7d, 1w, 2026-12-01 or 2026-12-01T08:00:00Z",
+            f"--since {_shown(text)} is not understood; use 30m, 2h, 7d, 1w, 2026-12-01 or 2026-12-01T08:00:00Z",
             EXIT_USAGE,
         ) from None
     if when.tzinfo is None:
@@ -218,6 +226,7 @@ class App:
         a = self.args
         manager = DeviceManager(self.store)
         ctx = admin_context()
+        self._warn_if_not_an_account(a.user)
         enrollment = manager.enroll_totp(
             a.user,
             ctx,
@@ -241,11 +250,13 @@ class App:
                 self.say(f"Device {device.id} ({device.label}) is active for {device.user}.")
                 return EXIT_OK
             verifier = Verifier(self.settings, store=self.store)
+            entered = 0
             for attempt in range(1, CONFIRM_TRIES + 1):
                 try:
                     code = input(f"Enter the current code from the app ({attempt}/{CONFIRM_TRIES}): ")
                 except EOFError:
                     break
+                entered += 1
                 decision = verifier.confirm_enrollment(device.user, device.id, code.strip(), ctx)
                 if decision.accepted:
                     self.say(f"Code verified. Device {device.id} ({device.label}) is active for {device.user}.")
@@ -261,6 +272,13 @@ class App:
                 manager.discard_pending(device.user, device.id, ctx)
             raise
         manager.discard_pending(device.user, device.id, ctx)
+        if not entered:
+            self.err.write(
+                "\nmfa-admin: no code was entered (standard input ended at the prompt), so the enrollment "
+                "was not confirmed and the pending device was discarded. Run the command again where you "
+                "can type a code from the app (or use --no-confirm in scripts).\n"
+            )
+            return EXIT_REJECTED
         self.err.write(
             "mfa-admin: enrollment not confirmed; the device was discarded. Check the phone's clock "
             "and run the command again (or use --no-confirm in scripts).\n"
@@ -269,6 +287,7 @@ class App:
 
     def cmd_enroll_hotp(self) -> int:
         a = self.args
+        self._warn_if_not_an_account(a.user)
         secret = read_seed(a.secret_file)
         device = DeviceManager(self.store).enroll_hotp(
             a.user,
@@ -288,6 +307,7 @@ class App:
 
     def cmd_enroll_yubico(self) -> int:
         a = self.args
+        self._warn_if_not_an_account(a.user)
         key = read_seed(a.secret_file, prompt="AES key (32 hex digits): ")
         try:
             private_id = bytes.fromhex(a.private_id)
@@ -310,6 +330,7 @@ class App:
             except (OSError, UnicodeDecodeError) as exc:
                 raise CliError(f"{a.file}: cannot be read ({exc})", EXIT_USAGE) from None
         device = DeviceManager(self.store).enroll_ssh_key(a.user, line, admin_context(), label=a.label)
+        self._warn_if_not_an_account(a.user)
         options = ", ".join(device.params.get("options", [])) or "none"
         self.say(
             f"Device {device.id} ({device.label}) is active for {device.user}: {device.params['key_type']}, "
@@ -322,6 +343,10 @@ class App:
         from devicedb.kinds import fido2_key
         from pam_module.fido import attached_keys
 
+        manager = DeviceManager(self.store)
+        # Every argument is checked before any key is looked for, touched or asked for its PIN.
+        manager.check_fido_enrollment(a.user, label=a.label, uv=a.uv, rp_id=a.rp_id)
+        self._warn_if_not_an_account(a.user)
         keys = attached_keys()
         if not keys:
             raise CliError(
@@ -340,7 +365,7 @@ class App:
                 return None
 
         try:
-            device = DeviceManager(self.store).enroll_fido(
+            device = manager.enroll_fido(
                 a.user,
                 keys[0],
                 admin_context(),
@@ -381,6 +406,7 @@ class App:
 
     def cmd_enroll_totp_token(self) -> int:
         a = self.args
+        self._warn_if_not_an_account(a.user)
         secret = read_seed(a.secret_file)
         enrollment = DeviceManager(self.store).enroll_totp(
             a.user,
@@ -427,6 +453,19 @@ class App:
         _print_table(rows, self.out)
         return EXIT_OK
 
+    def _warn_if_not_an_account(self, raw_user: str) -> None:
+        """A name the passwd database does not know is only a warning: a RADIUS user needs no local
+        account. An invalid name is refused here, before anything else happens."""
+        user = DeviceManager(self.store).canonical(raw_user)
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            self.err.write(
+                f"warning: {printable(user)!r} is not an account on this system (no passwd entry); that is "
+                "expected only for a RADIUS user without a local account, so check the spelling\n"
+            )
+            self.err.flush()
+
     def _warn_if_last(self, user: str) -> None:
         manager = DeviceManager(self.store)
         if manager.active_device_count(user) == 0:
@@ -464,6 +503,7 @@ class App:
 
     # -- backup codes, unlock, verify, status ------------------------------------------------
     def cmd_backup_codes_generate(self) -> int:
+        self._warn_if_not_an_account(self.args.user)
         manager = DeviceManager(self.store)
         codes = manager.generate_backup_codes(self.args.user, admin_context())
         user = manager.canonical(self.args.user)
@@ -473,6 +513,7 @@ class App:
         return EXIT_OK
 
     def cmd_unlock(self) -> int:
+        self._warn_if_not_an_account(self.args.user)
         manager = DeviceManager(self.store)
         before = manager.unlock(self.args.user, admin_context())
         user = manager.canonical(self.args.user)
@@ -626,6 +667,7 @@ class App:
         return EXIT_OK
 
     def cmd_tokens_assign(self) -> int:
+        self._warn_if_not_an_account(self.args.user)
         device_id = self._inventory().assign(self.args.serial, self.args.user, admin_context())
         self.say(
             f"token {self.args.serial} assigned to {DeviceManager(self.store).canonical(self.args.user)} "
@@ -824,8 +866,7 @@ class App:
     # -- audit -------------------------------------------------------------------------------
     def _audit_rows(self) -> list[Any]:
         a = self.args
-        since_text = getattr(a, "since", None)
-        since = parse_since(since_text, time.time()) if since_text is not None else None
+        since = getattr(a, "since", None)  # already a time: see _since
         user_text = getattr(a, "user", None)
         user = DeviceManager(self.store).canonical(user_text) if user_text is not None else None
         return self.store.audit_rows(
@@ -935,24 +976,46 @@ def read_user_file(path: str, limit: int = 4096, owner: int | None = None) -> by
         os.close(fd)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device id (a positive whole number)") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device id (a positive whole number)")
-    return value
+# The largest integer SQLite stores (a signed 64-bit INTEGER): no argument may reach the core above it.
+SQLITE_MAX_INT = 2**63 - 1
+_WHOLE_NUMBER = re.compile(r"[+-]?[0-9]{1,40}", re.ASCII)
 
 
-def _count(text: str) -> int:
+def _shown(text: str) -> str:
+    return repr(text if len(text) <= 40 else text[:40] + "...")
+
+
+def _int_in(what: str, low: int, high: int, *, allowed: Sequence[int] | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number in ASCII digits within [low, high] (or one of ``allowed``),
+    else a usage error (exit 2) that says what is accepted."""
+    accepted = " or ".join(str(v) for v in allowed) if allowed else f"a whole number from {low:,} to {high:,}"
+
+    def parse(text: str) -> int:
+        value = int(text) if _WHOLE_NUMBER.fullmatch(text) else None
+        if value is None or not low <= value <= high or (allowed is not None and value not in allowed):
+            raise argparse.ArgumentTypeError(f"{_shown(text)} is not {what}; use {accepted}")
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+_positive_int = _int_in("a device id", 1, SQLITE_MAX_INT)
+_count = _int_in("a row count", 1, SQLITE_MAX_INT)
+_row_id = _int_in("an audit row id", 0, SQLITE_MAX_INT)
+_digits = _int_in("a code length", 6, 8, allowed=(6, 8))
+_period = _int_in("a period in seconds", 30, 60, allowed=(30, 60))
+_counter = _int_in("an HOTP counter", 0, SQLITE_MAX_INT)
+_look_ahead = _int_in("a look-ahead", 1, hotp.MAX_LOOK_AHEAD)
+_resync_window = _int_in("a resync window", 1, hotp.MAX_RESYNC_WINDOW)
+
+
+def _since(text: str) -> float:
+    """argparse type of --since: the instant it names, now."""
     try:
-        value = int(text, 10)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a row count (a whole number of 1 or more)")
-    return value
+        return parse_since(text, time.time())
+    except CliError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1008,9 +1071,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(enroll_sub, "totp", App.cmd_enroll_totp, "enroll a TOTP authenticator app")
     p.add_argument("user", metavar="USER")
     p.add_argument("--label", help="a name for the device (default: 'TOTP app')")
-    p.add_argument("--digits", type=int, choices=(6, 8), help="code length (default: totp.digits)")
+    p.add_argument("--digits", type=_digits, choices=(6, 8), help="code length (default: totp.digits)")
     p.add_argument("--algorithm", choices=("sha1", "sha256", "sha512"), help="HMAC algorithm (default: totp.algorithm)")
-    p.add_argument("--period", type=int, choices=(30, 60), help="seconds per code (default: totp.period)")
+    p.add_argument("--period", type=_period, choices=(30, 60), help="seconds per code (default: totp.period)")
     p.add_argument("--no-confirm", action="store_true", help="activate at once without asking for a code (scripts)")
     p.add_argument("--no-qr", action="store_true", help="print the URI only, no QR code")
 
@@ -1023,12 +1086,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("user", metavar="USER")
     p.add_argument("--label", help="a name for the token, such as its serial (default: 'HOTP token')")
     p.add_argument("--secret-file", metavar="FILE", help="file whose first line is the seed (default: stdin)")
-    p.add_argument("--digits", type=int, choices=(6, 8), default=6, help="code length (default 6)")
+    p.add_argument("--digits", type=_digits, choices=(6, 8), default=6, help="code length (default 6)")
     p.add_argument("--algorithm", choices=("sha1", "sha256", "sha512"), default="sha1", help="HMAC (default sha1)")
-    p.add_argument("--counter", type=int, default=0, help="the token's next counter (default 0)")
-    p.add_argument("--look-ahead", type=int, default=10, help="counters checked past the next one (default 10)")
+    p.add_argument("--counter", type=_counter, default=0, help="the token's next counter (default 0)")
+    p.add_argument("--look-ahead", type=_look_ahead, default=10, help="counters checked past the next one (default 10)")
     p.add_argument(
-        "--resync-window", type=int, default=100, help="how far two consecutive codes may re-synchronise (default 100)"
+        "--resync-window",
+        type=_resync_window,
+        default=100,
+        help="how far two consecutive codes may re-synchronise (default 100)",
     )
 
     p = add(
@@ -1040,9 +1106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("user", metavar="USER")
     p.add_argument("--label", help="a name for the token, such as its serial (default: 'TOTP token')")
     p.add_argument("--secret-file", metavar="FILE", help="file whose first line is the seed (default: stdin)")
-    p.add_argument("--digits", type=int, choices=(6, 8), help="code length (default: totp.digits)")
+    p.add_argument("--digits", type=_digits, choices=(6, 8), help="code length (default: totp.digits)")
     p.add_argument("--algorithm", choices=("sha1", "sha256", "sha512"), help="HMAC (default: totp.algorithm)")
-    p.add_argument("--period", type=int, choices=(30, 60), help="seconds per code (default: totp.period)")
+    p.add_argument("--period", type=_period, choices=(30, 60), help="seconds per code (default: totp.period)")
     p = add(
         enroll_sub,
         "yubico",
@@ -1266,12 +1332,12 @@ def build_parser() -> argparse.ArgumentParser:
     audit_sub = audit.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = add(audit_sub, "show", App.cmd_audit_show, "show audit rows, oldest first")
     p.add_argument("--user", metavar="USER")
-    p.add_argument("--since", metavar="WHEN", help="30m, 2h, 7d, 1w, 2026-12-01 or 2026-12-01T08:00:00Z")
+    p.add_argument("--since", metavar="WHEN", type=_since, help="30m, 2h, 7d, 1w, 2026-12-01 or 2026-12-01T08:00:00Z")
     p.add_argument("--limit", type=_count, metavar="N", help="only the newest N rows")
     p.add_argument("--json", action="store_true", help="JSON lines, the export format")
     p = add(audit_sub, "export", App.cmd_audit_export, "JSON lines for a SIEM, oldest first")
-    p.add_argument("--since", metavar="WHEN")
-    p.add_argument("--after-id", type=int, metavar="ID", help="only rows after this id (incremental shipping)")
+    p.add_argument("--since", metavar="WHEN", type=_since, help="as for audit show")
+    p.add_argument("--after-id", type=_row_id, metavar="ID", help="only rows after this id (incremental shipping)")
     p = add(audit_sub, "verify", App.cmd_audit_verify, "check the hash chain; names every edited, missing or moved row")
     p.add_argument("--json", action="store_true", help="print JSON")
     return parser

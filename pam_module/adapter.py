@@ -131,16 +131,28 @@ def authenticate(pamh: Any, flags: int, argv: list[str]) -> int:
             log.info("%s: %s for %s (%s)", context.service, requirement.requirement.value, user, requirement.reason)
             return int(pamh.PAM_IGNORE)
         # An SSH login made with one of the user's enrolled security keys has its FIDO factor done:
-        # sshd verified the key and reports it in SSH_AUTH_INFO_0. A plain key still gets the prompt.
+        # sshd verified the key and reports it in SSH_AUTH_INFO_0. A plain key still gets the prompt,
+        # and so does the key when the user's own authorized_keys (read here, judged by the core)
+        # hold it with weaker options than the enrolled ones, or cannot be read safely.
         auth_info = _env(pamh, "SSH_AUTH_INFO_0")
         if auth_info:
-            decision = verifier.ssh_key_factor(user, auth_info, context)
+            from pam_module.authorized_keys import user_key_files
+
+            decision = verifier.ssh_key_factor(user, auth_info, context, user_files=lambda: user_key_files(user))
             if decision is not None and decision.accepted:
                 pamh.env[TICKET_ENV] = verifier.issue_ticket(user, context)
                 log.info(
                     "%s: accepted %s (security key, device %s)", context.service, decision.user, decision.device_id
                 )
                 return int(pamh.PAM_SUCCESS)
+            if decision is not None:
+                log.info(
+                    "%s: %s: security key (device %s) not counted, the code is asked: %s",
+                    context.service,
+                    decision.user,
+                    decision.device_id,
+                    decision.reason,
+                )
         decision = _try_local_key(pamh, verifier, user, context)
         if decision is not None and decision.accepted:
             pamh.env[TICKET_ENV] = verifier.issue_ticket(user, context)

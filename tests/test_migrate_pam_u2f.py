@@ -443,3 +443,22 @@ def test_cli_a_file_owned_by_a_user_holds_only_that_users_keys(tmp_path: Path) -
     rc, out, err = run_cli(config, "migrate", "pam-u2f", str(path))
     assert rc == 0, err
     assert f"for {owner}" in out
+
+
+@pytest.mark.parametrize("origin", ["", "pam://", "://host", "pam:/host", "pam://my host", "pam://höst", "x" * 254])
+def test_an_empty_or_malformed_origin_is_refused_not_replaced_by_the_default(store: Store, origin: str) -> None:
+    before = audit_count(store)
+    with pytest.raises(InvalidInput, match=r"--origin .* is not an RP id; give pam://HOSTNAME"):
+        migrate(store, line("alice", Key().field()), rp_id=origin)
+    assert store.list_devices() == [] and audit_count(store) == before
+
+
+def test_cli_migrate_pam_u2f_with_an_empty_origin_stores_nothing(tmp_path: Path) -> None:
+    from cli_helpers import run_cli
+
+    config = installation(tmp_path)
+    first, _second = system_users()
+    path = authfile(tmp_path / "u2f_mappings", line(first, Key().field()))
+    rc, _out, err = run_cli(config, "migrate", "pam-u2f", str(path), "--origin", "")
+    assert rc == 5 and "--origin '' is not an RP id" in err, err
+    assert run_cli(config, "devices", "list")[1].startswith("no devices")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,25 @@ U2F_MAX_KEY_HANDLE = 255  # U2F sends the key handle's length in one byte
 
 def default_rp_id() -> str:
     return f"pam://{socket.gethostname()}"
+
+
+MAX_RP_ID = 253
+# pam_u2f's origin form (pam://HOST, https://HOST[/...]: a scheme, "://", a non-empty host) or a bare
+# WebAuthn RP id (a domain name). Printable ASCII without spaces: an IDN goes in its xn-- form.
+_RP_ID = re.compile(
+    r"[A-Za-z][A-Za-z0-9+.-]*://[A-Za-z0-9._~\[\]:-]+(?:[/?#][!-~]*)?|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?",
+    re.ASCII,
+)
+
+
+def check_rp_id(rp_id: str, option: str = "--rp-id") -> str:
+    """A relying party id an administrator gave, or InvalidInput naming the option and the forms accepted."""
+    if not isinstance(rp_id, str) or not 1 <= len(rp_id) <= MAX_RP_ID or not _RP_ID.fullmatch(rp_id):
+        raise InvalidInput(
+            f"{option} {rp_id!r} is not an RP id; give pam://HOSTNAME (pam_u2f's form and the default), "
+            f"https://HOST, or a domain name: 1 to {MAX_RP_ID} printable ASCII characters, no spaces"
+        )
+    return rp_id
 
 
 def client_data_hash(challenge: bytes, rp_id: str) -> bytes:

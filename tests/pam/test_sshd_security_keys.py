@@ -458,3 +458,45 @@ def test_verify_required_key_needs_user_verification(
     login = ssh_login(server.port, user.name, key)
     assert login.output == user.name and login.prompts == []
     assert [r.device_id for r in auth_rows(mfa, user.name, server.service) if r.reason == SK_FACTOR] == [device]
+
+
+def test_the_users_own_no_touch_required_copy_of_an_enrolled_key_does_not_count(
+    tmp_path: Path,
+    mfa: Mfa,
+    sshd: Callable[..., Sshd],
+    system_user: Callable[[], SystemUser],
+    soft_key: SoftAuthenticator,
+) -> None:
+    """The attack: a key enrolled touch-required (the default), put by its user into their own
+    ~/.ssh/authorized_keys with no-touch-required. sshd reads that file too and applies its line's
+    options, so it accepts a signature made without a touch; SSH_AUTH_INFO_0 names the key all the
+    same. mfaguard reads the user's file, sees the weaker copy, and asks for the code."""
+    user = system_user()
+    secret = mfa.enroll(user.name)
+    key, pub = make_sk_key(tmp_path, "enrolled-touch")
+    device = enroll_sk(mfa, user.name, pub)
+    ssh_dir = user.home / ".ssh"
+    ssh_dir.mkdir(mode=0o700, exist_ok=True)
+    (ssh_dir / "authorized_keys").write_text("no-touch-required " + key.export_public_key().decode())
+    os.chmod(ssh_dir / "authorized_keys", 0o600)
+    shutil.chown(ssh_dir, user.name, user.name)
+    shutil.chown(ssh_dir / "authorized_keys", user.name, user.name)
+    server = sshd()
+    soft_key.user_present = False  # no touch
+
+    refused = ssh_login(server.port, user.name, key)
+    assert refused.output is None, "logged in with no touch and no code"
+    assert refused.prompts == [CODE_PROMPT]
+    log = server.log_text()
+    assert re.search(rf"Partial publickey for {user.name} from 127\.0\.0\.1 .*ECDSA-SK", log), log
+    rows = auth_rows(mfa, user.name, server.service)
+    assert SK_FACTOR not in [r.reason for r in rows]
+    assert rows[0].device_id == device
+    assert rows[0].reason == (
+        f"ssh security key not counted: {user.home}/.ssh/authorized_keys line 1 holds the same key "
+        "with weaker options (no touch required)"
+    )
+    wait_for_fresh_step(10)
+    login = ssh_login(server.port, user.name, key, {"verification code": totp_code(secret)})
+    assert login.output == user.name, server.log_text()
+    assert login.prompts == [CODE_PROMPT]
