@@ -658,6 +658,8 @@ def load_settings(
 
     A file the administrator named must exist. The default path may be absent, and the
     built-in defaults then apply, unless ``require_file`` (the daemons and the PAM module).
+    ``environ`` stands in for ``os.environ``; the PAM module passes ``{}``: under sudo and su the
+    process environment is the invoking user's.
     """
     chosen, named = config_path(path, environ)
     try:

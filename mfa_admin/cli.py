@@ -822,7 +822,7 @@ class App:
         status = manager.status("root")
         pam_setup.guard_root(status.requirement, sum(1 for d in status.devices if d.usable))
         operator = os.environ.get("SUDO_USER")
-        if operator and a.service in ("sudo", "sudo-i", "su") and not a.force:
+        if operator and a.service in pam_setup.OPERATOR_SERVICES and not a.force:
             mine = manager.status(operator)
             if mine.requirement is Requirement.REQUIRED and not any(d.usable for d in mine.devices):
                 raise CliError(
@@ -1303,6 +1303,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(not root) may only hold that user's lines.\n\n" + EXIT_CODES_HELP
     )
 
+    from mfa_admin.pam_setup import SERVICES as PAM_SERVICES
+
     pam = group("pam", "add mfaguard to a PAM stack, or take it out")
     pam_sub = pam.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = add(
@@ -1312,12 +1314,12 @@ def build_parser() -> argparse.ArgumentParser:
         "add mfaguard's auth and account lines after the password step; keeps FILE.mfaguard-orig. "
         "Refused while root has no active device",
     )
-    p.add_argument("--service", required=True, choices=("sshd", "sudo", "sudo-i", "login", "su"))
+    p.add_argument("--service", required=True, choices=PAM_SERVICES)
     p.add_argument("--dry-run", action="store_true", help="show the change as a diff; change nothing")
     p.add_argument("--force", action="store_true", help="install even though you (the sudo caller) have no device")
     p.add_argument("--pam-dir", default="/etc/pam.d", help="the PAM folder (default /etc/pam.d)")
     p = add(pam_sub, "uninstall", App.cmd_pam_uninstall, "restore the stack saved by `pam install`")
-    p.add_argument("--service", required=True, choices=("sshd", "sudo", "sudo-i", "login", "su"))
+    p.add_argument("--service", required=True, choices=PAM_SERVICES)
     p.add_argument("--pam-dir", default="/etc/pam.d", help="the PAM folder (default /etc/pam.d)")
     p = add(
         sub,

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from devicedb.errors import MfaguardError
-from devicedb.settings import Settings
+from devicedb.settings import DEFAULT_CONFIG_PATH, Settings
 from devicedb.store import Store
-from mfa_admin.pam_setup import ACCOUNT_LINE, AFTER_KEY_CONTROL, CHECK_CONTROL, SERVICES, is_mfaguard_line
+from mfa_admin.pam_setup import (
+    ACCOUNT_LINE,
+    AFTER_KEY_CONTROL,
+    CHECK_CONTROL,
+    PASSWORD_MODULES,
+    SERVICES,
+    included_file,
+    is_mfaguard_line,
+    is_password_module,
+    pam_lines,
+    split_line,
+)
 
 # Controls under which a failing mfaguard line fails the stack.
 _BINDING = {"required", "requisite"}
@@ -24,17 +36,31 @@ class Finding:
     fix: str = ""
 
 
-def _split(line: str) -> tuple[str, str, list[str]]:
-    """(type, control, rest) of a PAM line; a bracketed control stays one word."""
-    kind, _, rest = line.partition(" ")
-    kind = kind.lower()  # Linux-PAM reads types and controls without regard to case
-    rest = rest.strip()
-    if rest.startswith("["):
-        close = rest.find("]")
-        control, rest = (rest, "") if close < 0 else (rest[: close + 1], rest[close + 1 :])
-    else:
-        control, _, rest = rest.partition(" ")
-    return kind.lstrip("-"), control.lower(), rest.split()
+_split = split_line  # (type, control, rest): Linux-PAM reads types and controls without regard to case
+
+
+@dataclass(frozen=True)
+class Advice:
+    """Writes the mfa-admin commands a fix names, so that each one works as printed: with the
+    --config and --pam-dir doctor itself was given (when they are not the defaults)."""
+
+    config: str | None = None
+    pam_dir: str = "/etc/pam.d"
+
+    def command(self, *args: str) -> str:
+        words = ["mfa-admin"]
+        if self.config and self.config != DEFAULT_CONFIG_PATH:
+            words += ["--config", self.config]
+        words += args
+        if args[:1] == ("pam",) and self.pam_dir != "/etc/pam.d":
+            words += ["--pam-dir", self.pam_dir]
+        return "`" + shlex.join(words) + "`"
+
+    def reinstall(self, service: str) -> str:
+        return (
+            f"{self.command('pam', 'uninstall', '--service', service)} then "
+            f"{self.command('pam', 'install', '--service', service)}"
+        )
 
 
 @dataclass(frozen=True)
@@ -134,7 +160,9 @@ def _same_control(control: str, wanted: str) -> bool:
     return control.startswith("[") and _actions(control) == _actions(wanted)
 
 
-def _check_line(line: str, file: str, topic: str, *, settings: bool = True) -> list[Finding]:
+def _check_line(
+    line: str, file: str, topic: str, service: str, advice: Advice, *, settings: bool = True
+) -> list[Finding]:
     """Can this mfaguard line ever work: entry file, venv and settings file all there and sound?"""
     from devicedb.errors import ConfigError, UnsafePathError
     from devicedb.settings import load_settings
@@ -151,7 +179,7 @@ def _check_line(line: str, file: str, topic: str, *, settings: bool = True) -> l
                 "fail",
                 topic,
                 f"{file}: the entry file {entry} does not exist: every login fails",
-                "run `mfa-admin pam uninstall` then `pam install` from the installed copy",
+                f"run {advice.reinstall(service)} from the installed copy",
             )
         )
     elif not Path(venv).is_dir():
@@ -184,6 +212,16 @@ def _check_line(line: str, file: str, topic: str, *, settings: bool = True) -> l
             )
     if not settings:
         return findings  # the publickey check reads no settings
+    if "config" not in options:
+        findings.append(
+            Finding(
+                "warn",
+                topic,
+                f"{file}: an mfaguard line has no config=, so it reads {DEFAULT_CONFIG_PATH} (the PAM module "
+                "never takes $MFAGUARD_CONFIG: under sudo and su the environment is the caller's)",
+                f"name the settings file on the line: add config={DEFAULT_CONFIG_PATH}, or the file you mean",
+            )
+        )
     try:
         load_settings(options.get("config"), require_file=True, environ={})
     except (ConfigError, UnsafePathError) as exc:
@@ -198,17 +236,15 @@ def _check_line(line: str, file: str, topic: str, *, settings: bool = True) -> l
     return findings
 
 
-SHAPE_FIX = (
-    "use the four auth lines of config/pam.d/sshd as they are: `mfa-admin pam uninstall --service sshd` "
-    "then `mfa-admin pam install --service sshd` writes them"
-)
+def _shape_fix(advice: Advice) -> str:
+    return f"use the four auth lines of config/pam.d/sshd as they are: {advice.reinstall('sshd')} writes them"
 
 
 def _is_code(line: _Line) -> bool:
     return is_mfaguard_line(line.text) and not _is_check(line.text)
 
 
-def _publickey_checks(service: str, lines: list[_Line], topic: str) -> tuple[list[Finding], set[int]]:
+def _publickey_checks(service: str, lines: list[_Line], topic: str, advice: Advice) -> tuple[list[Finding], set[int]]:
     """Each publickey check (auth lines only) must stand in the one supported shape:
 
         auth [success=ignore default=1] ...pam_mfaguard.py check=publickey-used ...
@@ -267,7 +303,7 @@ def _publickey_checks(service: str, lines: list[_Line], topic: str) -> tuple[lis
                     "fail",
                     topic,
                     f"mfaguard's publickey check in {line.file} is not in the supported shape: " + "; ".join(problems),
-                    SHAPE_FIX,
+                    _shape_fix(advice),
                 )
             )
         elif service != "sshd":
@@ -289,11 +325,109 @@ def _publickey_checks(service: str, lines: list[_Line], topic: str) -> tuple[lis
                     "not the password",
                 )
             )
-        findings += _check_line(line.text, line.file, topic, settings=False)
+        findings += _check_line(line.text, line.file, topic, service, advice, settings=False)
     return findings, after_key
 
 
-def check_stack(service: str, pam_dir: Path, *, account_required: bool) -> list[Finding]:
+def _is_password(line: _Line) -> bool:
+    kind, _, rest = _split(line.text)
+    return kind == "auth" and bool(rest) and is_password_module(rest[0])
+
+
+# What each simple control does with a module's result (pam.conf(5)).
+_SIMPLE = {
+    "required": {"success": "ok", "failure": "bad", "ignore": "ignore"},
+    "requisite": {"success": "ok", "failure": "die", "ignore": "ignore"},
+    "sufficient": {"success": "done", "failure": "ignore", "ignore": "ignore"},
+    "optional": {"success": "ok", "failure": "ignore", "ignore": "ignore"},
+}
+
+
+def _outcomes(lines: list[_Line], i: int) -> list[tuple[str, bool]]:
+    """The results the line at ``i`` can give on a keyboard-interactive login, each with whether it
+    means a password was checked. The publickey check can only answer PAM_IGNORE there (no key)."""
+    line = lines[i]
+    if line.sid >= 0:  # a substack: one module, a password one if it holds one
+        inner = any(_is_password(x) for x in lines if line.sid in x.scope)
+        return [("success", inner), ("failure", False)]
+    module = Path((_split(line.text)[2] or [""])[0]).name
+    if _is_check(line.text):
+        return [("ignore", False)]
+    if module == "pam_deny.so":
+        return [("failure", False)]
+    if module == "pam_permit.so":
+        return [("success", False)]
+    if is_password_module(module):
+        return [("success", True), ("failure", False)]
+    return [("success", False), ("failure", False), ("ignore", False)]
+
+
+def _taken(control: str, result: str) -> set[str]:
+    if control in _SIMPLE:
+        return {_SIMPLE[control][result]}
+    actions = _actions(control)
+    default = actions.get("default", "bad")  # Linux-PAM's value for a result a bracket leaves out
+    keys = {"success": ["success"], "failure": ["auth_err", "user_unknown", "cred_insufficient"], "ignore": ["ignore"]}
+    return {actions.get(key, default) for key in keys[result]}
+
+
+def _code_without_password(lines: list[_Line], target: int) -> bool:
+    """Whether a keyboard-interactive login can reach the code line ``lines[target]`` with no failure
+    on record and no password module passed: no password before it, one jumped over, or one whose
+    failure goes on (optional, default=ignore, ...). Modules are taken as able to succeed or fail,
+    pam_permit only to succeed, pam_deny only to fail."""
+    scope = lines[target].scope
+    if scope:  # inside a substack: only whether a password module comes first at all
+        return not any(_is_password(x) for x in lines[:target])
+    members = [i for i, x in enumerate(lines) if not x.scope]
+    goal = members.index(target)
+    todo, seen = [(0, False, False)], set()
+    while todo:
+        state = todo.pop()
+        if state in seen:
+            continue
+        seen.add(state)
+        n, passed, failed = state
+        if n == goal:
+            if not passed and not failed:
+                return True
+            continue
+        if n > goal:
+            continue
+        control = _split(lines[members[n]].text)[1]
+        for result, password in _outcomes(lines, members[n]):
+            now = passed or password
+            for action in _taken(control, result):
+                if action in ("ok", "ignore"):
+                    todo.append((n + 1, now, failed))
+                elif action == "reset":
+                    todo.append((n + 1, now, False))
+                elif action == "bad":
+                    todo.append((n + 1, now, True))
+                elif action.isdigit():
+                    todo.append((n + 1 + int(action), now, failed))
+                # die and done end the stack before the code line
+    return False
+
+
+def _install_fix(service: str, pam_dir: Path, advice: Advice) -> str:
+    """The command that puts mfaguard into this stack as `pam install` would: for this service; for
+    the supported service whose stack it includes (su-l includes su), since install refuses to add a
+    second line there; or uninstall then install when the file already holds mfaguard lines."""
+    path = pam_dir / service
+    text = path.read_text(errors="replace") if path.is_file() else ""
+    if any(is_mfaguard_line(line) for line in text.splitlines()):
+        return advice.reinstall(service)
+    for _, _, line in pam_lines(text):
+        included = included_file(line)
+        if included is not None and included[1] in SERVICES and included[1] != service:
+            install = advice.command("pam", "install", "--service", included[1])
+            return f"{install} (the {service} stack takes its auth lines from {included[1]})"
+    return advice.command("pam", "install", "--service", service)
+
+
+def check_stack(service: str, pam_dir: Path, *, account_required: bool, advice: Advice | None = None) -> list[Finding]:
+    advice = advice or Advice(pam_dir=str(pam_dir))
     path = pam_dir / service
     topic = f"PAM {service}"
     if not path.is_file():
@@ -314,18 +448,8 @@ def check_stack(service: str, pam_dir: Path, *, account_required: bool) -> list[
         lines = [line for line in everything if _split(line.text)[0] == kind]
         after_key: set[int] = set()
         if kind == "auth":
-            check_findings, after_key = _publickey_checks(service, lines, topic)
+            check_findings, after_key = _publickey_checks(service, lines, topic, advice)
             findings += check_findings
-            if service == "sshd" and not any(_is_check(line.text) for line in lines):
-                findings.append(
-                    Finding(
-                        "warn",
-                        topic,
-                        "no publickey check: an SSH login that already used a key is asked for the password "
-                        "as well as the code",
-                        SHAPE_FIX,
-                    )
-                )
         ours = [i for i, line in enumerate(lines) if _is_code(line) and i not in after_key]
         if not ours:
             if kind == "account" and not account_required:
@@ -335,12 +459,33 @@ def check_stack(service: str, pam_dir: Path, *, account_required: bool) -> list[
                     "fail",
                     topic,
                     f"no mfaguard {kind} line: {service} logins skip the second factor",
-                    f"mfa-admin pam install --service {service}",
+                    _install_fix(service, pam_dir, advice),
                 )
             )
             continue
         index = ours[0]
         file, line = lines[index].file, lines[index].text
+        owner = file if file in SERVICES else service  # the stack `pam install` put the line into
+        if len(ours) > 1:
+            second = lines[ours[1]].file
+            fix = (
+                f"keep one: {advice.command('pam', 'uninstall', '--service', second)} takes the one in {second} out"
+                if second in SERVICES and second != file
+                else f"keep one: {advice.reinstall(owner)}"
+            )
+            findings.append(
+                Finding(
+                    "fail",
+                    topic,
+                    f"mfaguard's {kind} line runs twice in this stack ({file}, then {second}): "
+                    + (
+                        "the code is asked twice, and the second answer is refused as a replay"
+                        if kind == "auth"
+                        else "the second finds the login's ticket already taken and refuses it"
+                    ),
+                    fix,
+                )
+            )
         control = _split(line)[1]
         if control not in _BINDING:
             findings.append(
@@ -355,6 +500,54 @@ def check_stack(service: str, pam_dir: Path, *, account_required: bool) -> list[
         # A code line after a check ends the stack only on mfaguard's own success: not a bypass.
         bypass = [lines[i] for i in range(index) if i not in after_key and _can_skip(lines, i, index)]
         if kind == "auth":
+            # Without a key the publickey check answers PAM_IGNORE and jumps over the code line after
+            # it: every other line before mfaguard's code line is on that path.
+            if _code_without_password(lines, index):
+                if not any(_is_password(lines[i]) for i in range(index) if i not in after_key):
+                    how = (
+                        f"mfaguard's code line in {file} comes with no password module before it "
+                        f"(none of {', '.join(PASSWORD_MODULES)})"
+                    )
+                    step = (
+                        f"put the password step (Debian's `@include common-auth`) in front of mfaguard's line in {file}"
+                    )
+                else:
+                    how = (
+                        f"a login can reach mfaguard's code line in {file} without passing the password module "
+                        "before it (a jump over it, or a control under which its failure goes on)"
+                    )
+                    step = (
+                        "make a wrong password end the stack and drop the jumps over it, as Debian's "
+                        "`@include common-auth` does"
+                    )
+                if service == "sshd":
+                    how = f"on the keyboard-interactive path (no key, so no publickey check success) {how}"
+                    uninstall = advice.command("pam", "uninstall", "--service", "sshd")
+                    install = advice.command("pam", "install", "--service", "sshd")
+                    step = (
+                        f"put the password back in front of it as `@include common-auth`: {uninstall}, make the "
+                        f"auth lines of {pam_dir / 'sshd'} hold `@include common-auth` (and common-auth a password "
+                        f"module that ends the stack when it fails), then {install}"
+                    )
+                findings.append(
+                    Finding(
+                        "fail" if service in ACCOUNT_LINE else "warn",
+                        topic,
+                        f"{how}: such a {service} login needs only the code, one factor",
+                        step,
+                    )
+                )
+            elif service == "sshd" and not any(_is_check(other.text) for other in lines):
+                findings.append(
+                    Finding(
+                        "warn",
+                        topic,
+                        "no publickey check: an SSH login that already used a key is asked for the password "
+                        "as well as the code",
+                        _shape_fix(advice),
+                    )
+                )
+        if kind == "auth":
             for other in lines[:index]:
                 _, _, rest = _split(other.text)
                 if rest and rest[0].endswith("pam_env.so") and "user_readenv=1" in rest:
@@ -362,8 +555,11 @@ def check_stack(service: str, pam_dir: Path, *, account_required: bool) -> list[
                         Finding(
                             "fail",
                             topic,
-                            f"`{other.text}` in {other.file} lets users set PAM environment variables before "
-                            "mfaguard reads SSH_AUTH_INFO_0 (which names the key of an SSH login)",
+                            f"`{other.text}` in {other.file} asks pam_env for users' ~/.pam_environment in the "
+                            "auth stack, before mfaguard reads SSH_AUTH_INFO_0 (which names the key of an SSH "
+                            "login). Linux-PAM's pam_env reads that file only in setcred, after the decision, so "
+                            "it cannot set the variable today; failed as a precaution, since a pam_env that read "
+                            "it during auth would let users choose it",
                             "drop user_readenv=1 from auth lines, or move pam_env to the session stack",
                         )
                     )
@@ -391,11 +587,11 @@ def check_stack(service: str, pam_dir: Path, *, account_required: bool) -> list[
                     "move mfaguard's line above it, or drop it",
                 )
             )
-        findings += _check_line(line, file, topic)
+        findings += _check_line(line, file, topic, owner, advice)
         main_args = _split(line)[2][1:]
         for key in sorted(after_key):
             if _split(lines[key].text)[2][1:] != main_args:
-                findings += _check_line(lines[key].text, lines[key].file, topic)
+                findings += _check_line(lines[key].text, lines[key].file, topic, owner, advice)
         if not bypass:
             findings.append(Finding("ok", topic, f"mfaguard {kind} line is required ({file})"))
     return findings
@@ -480,11 +676,13 @@ def check_sshd(sshd: str = "/usr/sbin/sshd") -> list[Finding]:
     return findings
 
 
-def check_store(settings: Settings) -> tuple[list[Finding], Store | None]:
+def check_store(settings: Settings, advice: Advice | None = None) -> tuple[list[Finding], Store | None]:
+    advice = advice or Advice(settings.source)
     try:
         store = Store.open(settings)
     except MfaguardError as exc:
-        return [Finding("fail", "database", str(exc), "run `mfa-admin init`, or fix the owner and mode named")], None
+        fix = f"run {advice.command('init')}, or fix the owner and mode named"
+        return [Finding("fail", "database", str(exc), fix)], None
     return [
         Finding(
             "ok",
@@ -494,9 +692,10 @@ def check_store(settings: Settings) -> tuple[list[Finding], Store | None]:
     ], store
 
 
-def check_coverage(store: Store) -> list[Finding]:
+def check_coverage(store: Store, advice: Advice | None = None) -> list[Finding]:
     from mfa_admin.report import coverage
 
+    advice = advice or Advice()
     result = coverage(store)
     findings = []
     for acct in result["accounts"]:
@@ -507,12 +706,13 @@ def check_coverage(store: Store) -> list[Finding]:
                     "weak secrets",
                     f"{acct['user']}: device(s) {acct['weak_devices']} have a secret "
                     "under 128 bits (kept from a migration or a vendor file)",
-                    f"enroll a new device for {acct['user']} and remove the weak one",
+                    f"enroll a new device for {acct['user']} ({advice.command('enroll', 'totp', acct['user'])}) "
+                    "and remove the weak one",
                 )
             )
         if acct["status"] in ("covered", "exempt"):
             continue
-        fix = f"mfa-admin enroll totp {acct['user']}"
+        fix = advice.command("enroll", "totp", acct["user"])
         findings.append(
             Finding("fail", "coverage", f"{acct['user']} (uid {acct['uid']}) has no active device: {acct['note']}", fix)
         )
@@ -531,26 +731,28 @@ def run(settings: Settings, pam_dir: str = "/etc/pam.d") -> list[Finding]:
         findings.append(
             Finding("fail", "pam_python", "/lib/security/pam_python.so is missing", "apt-get install libpam-python")
         )
-    for service in (*SERVICES, "su-l"):
-        findings += check_stack(service, Path(pam_dir), account_required=service in ACCOUNT_LINE)
-    other = check_stack("other", Path(pam_dir), account_required=False)
-    if any(f.level == "fail" for f in other):
-        findings.append(
-            Finding(
-                "warn",
-                "PAM other",
-                "the fallback stack `other` has no mfaguard auth line: a "
-                "service without its own PAM file authenticates with the password alone",
-                "add the mfaguard auth line to /etc/pam.d/other as well",
-            )
+    advice = Advice(settings.source, pam_dir)
+    for service in SERVICES:
+        if service != "other":
+            findings += check_stack(service, Path(pam_dir), account_required=service in ACCOUNT_LINE, advice=advice)
+    # The fallback for programs without a PAM file of their own: worth a warning, not a failure.
+    for f in check_stack("other", Path(pam_dir), account_required=False, advice=advice):
+        if f.level != "fail":
+            continue
+        text = (
+            "the fallback stack `other` has no mfaguard auth line: a service without its own PAM file "
+            "authenticates with the password alone"
+            if f.text.startswith("no mfaguard auth line")
+            else f"the fallback stack `other`: {f.text}"
         )
+        findings.append(Finding("warn", "PAM other", text, f.fix))
     if shutil.which("sshd") or Path("/usr/sbin/sshd").exists():
         findings += check_sshd()
-    store_findings, store = check_store(settings)
+    store_findings, store = check_store(settings, advice)
     findings += store_findings
     if store is not None:
         try:
-            findings += check_coverage(store)
+            findings += check_coverage(store, advice)
         finally:
             store.close()
     return findings

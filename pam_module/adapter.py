@@ -6,6 +6,9 @@ It holds no policy. The core decides; this module only maps:
 - exempt or inside grace        -> PAM_IGNORE (the rest of the stack decides)
 - anything else, errors included -> PAM_AUTH_ERR (auth) / PAM_PERM_DENIED (account)
 
+Nothing here reads the process environment (os.environ): under sudo and su it is the invoking
+user's. The settings file is the PAM line's ``config=``, else /etc/mfaguard/mfaguard.yaml.
+
 The auth phase hands its success to the account phase through a one-time ticket
 in the PAM environment (sshd runs auth and account in a forked child and copies
 the PAM environment back). The account phase removes it, so it never reaches a
@@ -113,7 +116,9 @@ def _start(pamh: Any, argv: list[str]) -> tuple[Options, Settings, str]:
     options = parse_options(list(argv[1:]))
     if options.log:
         _setup_log(options.log)
-    settings = load_settings(options.config, require_file=True)
+    # config= or the default path, never the process environment: under sudo and su that is the
+    # invoking user's, and $MFAGUARD_CONFIG would let them choose the settings (all defaults, say).
+    settings = load_settings(options.config, require_file=True, environ={})
     _setup_log(options.log or settings.logging.file)
     user = pamh.get_user(None)
     if not user:

@@ -116,8 +116,11 @@ class PamResult:
         return self.out + self.err
 
 
-def pamtester(service: str, user: str, answers: list[str], *operations: str) -> PamResult:
-    """Run pamtester; each answer is one line on its stdin (one per prompt)."""
+def pamtester(
+    service: str, user: str, answers: list[str], *operations: str, env: dict[str, str] | None = None
+) -> PamResult:
+    """Run pamtester; each answer is one line on its stdin (one per prompt). ``env``: its environment
+    (default: this process's)."""
     stdin = "".join(a + "\n" for a in answers)
     r = subprocess.run(
         ["pamtester", "-v", service, user, *(operations or ("authenticate",))],
@@ -125,6 +128,7 @@ def pamtester(service: str, user: str, answers: list[str], *operations: str) -> 
         capture_output=True,
         text=True,
         timeout=60,
+        env=env,
     )
     return PamResult(r.returncode, r.stdout, r.stderr)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -21,6 +23,8 @@ from pam_helpers import (
     totp_code,
     wait_for_fresh_step,
 )
+
+from mfa_admin.doctor import Advice
 
 MFA_ADMIN = str(Path(sys.executable).parent / "mfa-admin")
 
@@ -191,7 +195,7 @@ def test_doctor_finds_missing_and_bypassable_stacks(mfa: Mfa, pam_copy: Path) ->
     findings = doctor(mfa, pam_copy)
     sudo = [f for f in findings if f["topic"] == "PAM sudo"]
     assert {f["level"] for f in sudo} == {"fail"}
-    assert all("mfa-admin pam install --service sudo" in f["fix"] for f in sudo)
+    assert all("pam install --service sudo --pam-dir" in f["fix"] for f in sudo)
     assert any(f["topic"] == "coverage" and "root" in f["text"] and f["level"] == "fail" for f in findings)
 
     mfa.enroll("root")
@@ -404,10 +408,11 @@ def test_doctor_counts_a_substack_as_one_module_when_jumping(mfa: Mfa, pam_copy:
         (pam_copy / "sudo").write_text(installed.replace("@include common-auth", replacement, 1))
         return [f for f in doctor(mfa, pam_copy) if f["topic"] == "PAM sudo"]
 
-    # Over the substack (one module, though common-auth has several lines) onto mfaguard: no bypass.
-    assert {
-        f["level"] for f in sudo_findings("auth [success=1 default=ignore] pam_permit.so\nauth substack common-auth")
-    } == {"ok"}
+    # Over the substack (one module, though common-auth has several lines) onto mfaguard: no bypass
+    # of mfaguard, only of the password (a warning for sudo: the code alone passes).
+    found = sudo_findings("auth [success=1 default=ignore] pam_permit.so\nauth substack common-auth")
+    assert {f["level"] for f in found} == {"ok", "warn"}, found
+    assert [f["text"] for f in found if f["level"] == "warn"][0].startswith("a login can reach mfaguard's code line")
     # Two modules on: past mfaguard, whatever common-auth's length.
     found = sudo_findings("auth [success=2 default=ignore] pam_permit.so\nauth substack common-auth")
     assert any(f["level"] == "fail" and "jump past mfaguard" in f["text"] for f in found), found
@@ -419,3 +424,279 @@ def test_doctor_counts_a_substack_as_one_module_when_jumping(mfa: Mfa, pam_copy:
     assert {f["level"] for f in sudo_findings("@include common-auth\nauth substack extra-auth")} == {"ok"}
     found = sudo_findings("@include common-auth\n@include extra-auth")
     assert any(f["level"] == "fail" and "sufficient" in f["text"] for f in found), found
+
+
+# -- where the password step is: install recognises each supported form, or refuses ---------------------
+
+# Debian's common-auth written out in the stack itself (without the optional pam_cap line).
+WRITTEN_OUT = (
+    "auth [success=1 default=ignore] pam_unix.so nullok\nauth requisite pam_deny.so\nauth required pam_permit.so"
+)
+
+
+def copy_services(pam_copy: Path, *names: str) -> None:
+    for name in names:
+        source = PAM_D / name
+        require(source.is_file(), f"{source} missing")
+        kept = PAM_D / f"{name}.mfaguard-orig"
+        shutil.copy(kept if kept.is_file() else source, pam_copy / name)
+
+
+def refused(mfa: Mfa, pam_copy: Path, service: str) -> str:
+    """Install is refused: exit 5, the stack left as it was, no backup written. Returns the error."""
+    before = (pam_copy / service).read_bytes()
+    r = admin(mfa, "pam", "install", "--service", service, "--pam-dir", str(pam_copy))
+    assert r.returncode == 5, r
+    assert (pam_copy / service).read_bytes() == before
+    assert not (pam_copy / f"{service}.mfaguard-orig").exists()
+    assert "nothing was changed" in r.stderr, r.stderr
+    return r.stderr
+
+
+def test_sshd_install_around_auth_include_common_auth(mfa: Mfa, pam_copy: Path) -> None:
+    """`auth include common-auth` is the same password step as `@include common-auth` to Linux-PAM."""
+    mfa.enroll("root")
+    original = (pam_copy / "sshd").read_text()
+    assert "\n@include common-auth\n" in original
+    (pam_copy / "sshd").write_text(original.replace("\n@include common-auth\n", "\nauth include common-auth\n"))
+    r = admin(mfa, "pam", "install", "--service", "sshd", "--pam-dir", str(pam_copy))
+    assert r.returncode == 0, r
+    lines = (pam_copy / "sshd").read_text().splitlines()
+    password = lines.index("auth include common-auth")
+    assert "check=publickey-used" in lines[password - 2] and "[success=done" in lines[password - 1]
+    assert lines[password + 1] == "# added by mfa-admin pam install"
+    assert lines[password + 2].split()[:2] == ["auth", "required"] and "pam_mfaguard.py" in lines[password + 2]
+    findings = [f for f in doctor(mfa, pam_copy) if f["topic"] == "PAM sshd"]
+    assert {f["level"] for f in findings} == {"ok"}, findings
+
+
+@pytest.mark.parametrize(
+    ("form", "expected"),
+    [
+        ("written out", "not `@include common-auth`"),
+        ("substack", "ends only the substack"),
+        ("none", "has no password step"),
+        ("another file", "not `@include common-auth`"),
+        ("common-auth without a password module", "has no password step"),
+    ],
+)
+def test_sshd_install_refuses_a_password_step_it_cannot_build_around(
+    form: str, expected: str, mfa: Mfa, pam_copy: Path
+) -> None:
+    """Once: exit 0, no publickey check, the code line at the end, and keyboard-interactive logged in
+    with the code alone. Now: refused, saying what to change, and nothing changed."""
+    mfa.enroll("root")
+    include = "\n@include common-auth\n"
+    text = (pam_copy / "sshd").read_text()
+    if form == "written out":
+        text = text.replace(include, f"\n{WRITTEN_OUT}\n")
+    elif form == "substack":
+        text = text.replace(include, "\nauth substack common-auth\n")
+    elif form == "none":
+        text = text.replace(include, "\n")
+    elif form == "another file":
+        (pam_copy / "sshd-password").write_text(WRITTEN_OUT + "\n")
+        text = text.replace(include, "\n@include sshd-password\n")
+    elif form == "common-auth without a password module":
+        (pam_copy / "common-auth").write_text("auth required pam_permit.so\n")
+    (pam_copy / "sshd").write_text(text)
+    error = refused(mfa, pam_copy, "sshd")
+    assert expected in error, error
+    assert "@include common-auth" in error  # what to write instead
+
+
+def test_install_finds_a_written_out_password_step_and_refuses_a_stack_without_one(
+    mfa: Mfa, pam_copy: Path, pam_service: Callable[..., str], system_user: Callable[[], SystemUser]
+) -> None:
+    mfa.enroll("root")
+    original = (pam_copy / "sudo").read_text()
+    (pam_copy / "sudo").write_text(original.replace("@include common-auth", "auth optional pam_faildelay.so delay=1\n"))
+    assert "has no password step" in refused(mfa, pam_copy, "sudo")
+
+    # Written out as Debian's common-auth: the code line goes after the whole step, never between
+    # pam_unix and the pam_deny its success jumps over.
+    (pam_copy / "sudo").write_text(original.replace("@include common-auth", WRITTEN_OUT))
+    assert admin(mfa, "pam", "install", "--service", "sudo", "--pam-dir", str(pam_copy)).returncode == 0
+    lines = (pam_copy / "sudo").read_text().splitlines()
+    code = next(i for i, line in enumerate(lines) if "pam_mfaguard.py" in line)
+    assert lines[code - 2] == "auth required pam_permit.so"
+    assert {f["level"] for f in doctor(mfa, pam_copy) if f["topic"] == "PAM sudo"} == {"ok"}
+    user = system_user()
+    secret = mfa.enroll(user.name)
+    service = pam_service(lines)
+    wait_for_fresh_step()
+    assert pamtester(service, user.name, ["not-the-password", totp_code(secret)]).rc != 0
+    r = pamtester(service, user.name, [user.password, totp_code(secret)])
+    assert r.rc == 0, r
+
+
+def test_su_l_is_installed_through_su_and_other_directly(mfa: Mfa, pam_copy: Path) -> None:
+    """Debian's su-l takes its auth lines from su (`auth include su`): install points there, and once su
+    holds mfaguard, a second line in su-l (the code asked twice) is refused."""
+    copy_services(pam_copy, "su", "su-l", "other")
+    mfa.enroll("root")
+    require("su" in [w for line in (pam_copy / "su-l").read_text().splitlines() for w in line.split()[2:3]], "su-l")
+    assert "`mfa-admin pam install --service su`" in refused(mfa, pam_copy, "su-l")
+    assert admin(mfa, "pam", "install", "--service", "su", "--pam-dir", str(pam_copy)).returncode == 0
+    assert "already runs mfaguard's code line through" in refused(mfa, pam_copy, "su-l")
+    levels = {f["level"] for f in doctor(mfa, pam_copy) if f["topic"] in ("PAM su", "PAM su-l")}
+    assert levels == {"ok"}
+    assert any(f["topic"] == "PAM other" for f in doctor(mfa, pam_copy))
+    assert admin(mfa, "pam", "install", "--service", "other", "--pam-dir", str(pam_copy)).returncode == 0
+    assert not any(f["topic"] == "PAM other" and f["level"] != "ok" for f in doctor(mfa, pam_copy))
+    assert (
+        "account"
+        not in "".join(
+            line for line in (pam_copy / "other").read_text().splitlines() if "pam_mfaguard.py" in line
+        ).split()[:1]
+    )
+
+
+# -- doctor: the keyboard-interactive path with no password before the code ------------------------------
+
+ONE_FACTOR = "no password module before it"
+
+
+def test_doctor_fails_an_sshd_stack_whose_code_line_has_no_password_before_it(mfa: Mfa, pam_copy: Path) -> None:
+    installed = installed_sshd(mfa, pam_copy)
+    check = auth_line_of(installed, "check=publickey-used")
+    after_key = auth_line_of(installed, "[success=done")
+
+    def fails(text: str) -> list[dict[str, str]]:
+        findings = sshd_findings(mfa, pam_copy, text)
+        assert not any("as well as the code" in f["text"] for f in findings), findings  # there is no password
+        return [f for f in findings if f["level"] == "fail" and ONE_FACTOR in f["text"]]
+
+    # What install used to write for a stack without `@include common-auth`: no check, the code line alone.
+    no_check = installed.replace(check + "\n", "").replace(after_key + "\n", "").replace("@include common-auth\n", "")
+    found = fails(no_check)
+    assert found and "keyboard-interactive" in found[0]["text"] and "one factor" in found[0]["text"], found
+    assert "@include common-auth" in found[0]["fix"]
+    # The check in place, but the password gone from behind it, or common-auth emptied of its password module.
+    assert fails(installed.replace("@include common-auth\n", ""))
+    (pam_copy / "common-auth").write_text("auth required pam_permit.so\n")
+    assert fails(installed)
+
+
+@pytest.mark.parametrize(
+    ("service", "password"),
+    [
+        ("sshd", "auth optional pam_unix.so nullok"),
+        (
+            "sshd",
+            "auth [success=2 default=ignore] pam_permit.so\nauth required pam_unix.so\nauth required pam_permit.so",
+        ),
+        ("login", "auth [success=ok default=ignore] pam_unix.so nullok"),
+        ("login", "auth sufficient pam_unix.so\nauth optional pam_permit.so"),
+    ],
+)
+def test_doctor_fails_a_password_the_login_can_get_past(service: str, password: str, mfa: Mfa, pam_copy: Path) -> None:
+    """A password module that is there but can be jumped over, or whose failure goes on, is no first
+    factor either (a `sufficient` one ends the stack on success: the bypass check reports that)."""
+    mfa.enroll("root")
+    assert admin(mfa, "pam", "install", "--service", service, "--pam-dir", str(pam_copy)).returncode == 0
+    installed = (pam_copy / service).read_text()
+    findings = [f for f in doctor(mfa, pam_copy) if f["topic"] == f"PAM {service}"]
+    assert not any("password" in f["text"] and f["level"] == "fail" for f in findings), findings
+    (pam_copy / service).write_text(installed.replace("@include common-auth", password, 1))
+    findings = [f for f in doctor(mfa, pam_copy) if f["topic"] == f"PAM {service}"]
+    past = [f for f in findings if f["level"] == "fail" and "one factor" in f["text"]]
+    if "sufficient" in password:
+        assert any("sufficient" in f["text"] for f in findings if f["level"] == "fail"), findings
+    else:
+        assert past and "without passing the password module" in past[0]["text"], findings
+
+
+def test_doctor_explains_pam_env_user_readenv_as_a_precaution(mfa: Mfa, pam_copy: Path) -> None:
+    installed = installed_sshd(mfa, pam_copy)
+    text = "auth required pam_env.so user_readenv=1\n" + installed
+    found = [f for f in sshd_findings(mfa, pam_copy, text) if "pam_env" in f["text"]]
+    assert found and found[0]["level"] == "fail", found
+    assert "only in setcred" in found[0]["text"] and "precaution" in found[0]["text"]
+
+
+def test_doctor_warns_about_an_mfaguard_line_without_config(mfa: Mfa, pam_copy: Path) -> None:
+    """It works (the default path), but the settings it reads are then never in doubt only if named."""
+    mfa.enroll("root")
+    assert admin(mfa, "pam", "install", "--service", "sudo", "--pam-dir", str(pam_copy)).returncode == 0
+    text = (pam_copy / "sudo").read_text()
+    (pam_copy / "sudo").write_text(text.replace(f" config={mfa.config}", ""))
+    sudo = [f for f in doctor(mfa, pam_copy) if f["topic"] == "PAM sudo"]
+    warned = [f for f in sudo if f["level"] == "warn" and "no config=" in f["text"]]
+    assert warned and "/etc/mfaguard/mfaguard.yaml" in warned[0]["text"], sudo
+    assert "MFAGUARD_CONFIG" in warned[0]["text"]
+
+
+# -- every command doctor suggests parses, and the PAM ones work as printed ------------------------------
+
+
+def suggested_commands(findings: list[dict[str, str]]) -> list[str]:
+    """The mfa-admin commands of every fix, each written in backquotes; none outside them."""
+    out = []
+    for f in findings:
+        outside = re.sub(r"`[^`]*`", "", f["fix"])
+        assert "mfa-admin" not in outside and not re.search(r"\bpam (un)?install\b", outside), f
+        out += [c for c in re.findall(r"`([^`]*)`", f["fix"]) if c.startswith("mfa-admin")]
+    return list(dict.fromkeys(out))
+
+
+def parses(command: str) -> list[str]:
+    from mfa_admin.cli import build_parser
+
+    words = shlex.split(command)
+    assert words[0] == "mfa-admin"
+    try:
+        build_parser().parse_args(words[1:])
+    except SystemExit as exc:
+        raise AssertionError(f"doctor suggested `{command}`, which mfa-admin refuses ({exc})") from None
+    return words
+
+
+def test_every_command_doctor_suggests_parses_and_works(mfa: Mfa, pam_copy: Path) -> None:
+    copy_services(pam_copy, "sudo-i", "su", "su-l", "other")
+    mfa.enroll("root")
+    seen: set[str] = set()
+
+    def repair() -> list[dict[str, str]]:
+        """Run doctor, then every PAM command its fixes name, in order, each as printed."""
+        findings = doctor(mfa, pam_copy)
+        for command in suggested_commands(findings):
+            seen.add(command)
+            words = parses(command)
+            if words[1:2] == ["--config"] and words[3:4] == ["pam"] or words[1:2] == ["pam"]:
+                r = subprocess.run([MFA_ADMIN, *words[1:]], capture_output=True, text=True, timeout=120)
+                assert r.returncode == 0, (command, r)
+        return findings
+
+    def pam_problems() -> list[dict[str, str]]:
+        return [f for f in doctor(mfa, pam_copy) if f["topic"].startswith("PAM") and f["level"] != "ok"]
+
+    first = repair()
+    assert any("--service su-l" in f["fix"] or "stack takes its auth lines from su" in f["fix"] for f in first)
+    assert any(f["topic"] == "PAM other" for f in first)
+    assert pam_problems() == []
+
+    # Broken in ways whose fixes are commands: a missing entry file, no publickey check, no account
+    # line, mfaguard twice (su-l's own line on top of su's).
+    sudo = (pam_copy / "sudo").read_text()
+    (pam_copy / "sudo").write_text(sudo.replace(str(ENTRY_FILE), "/nonexistent/pam_module/pam_mfaguard.py"))
+    sshd = (pam_copy / "sshd").read_text()
+    check = auth_line_of(sshd, "check=publickey-used")
+    (pam_copy / "sshd").write_text(
+        sshd.replace(check + "\n", "").replace(auth_line_of(sshd, "[success=done") + "\n", "")
+    )
+    login = (pam_copy / "login").read_text()
+    account = next(line for line in login.splitlines() if line.startswith("account") and "pam_mfaguard.py" in line)
+    (pam_copy / "login").write_text(login.replace(account + "\n", ""))
+    su_line = auth_line_of((pam_copy / "su").read_text(), "pam_mfaguard.py")
+    (pam_copy / "su-l").write_text((pam_copy / "su-l").read_text() + su_line + "\n")
+    broken = pam_problems()
+    assert {f["topic"] for f in broken} >= {"PAM sudo", "PAM sshd", "PAM login", "PAM su-l"}, broken
+    repair()
+    assert pam_problems() == []
+
+    # Commands that are only parsed here: enrollment and init.
+    for user in ("root", "alice", "o'brien"):
+        parses(Advice(str(mfa.config)).command("enroll", "totp", user).strip("`"))
+    parses(Advice(str(mfa.config)).command("init").strip("`"))
+    assert any("uninstall" in c for c in seen) and any("install --service other" in c for c in seen), seen

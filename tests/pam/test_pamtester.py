@@ -8,7 +8,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from pam_helpers import Mfa, pamtester, totp_code, wait_for_fresh_step
+from pam_helpers import Mfa, pamtester, totp_code, unique, wait_for_fresh_step
+
+DEFAULT_CONFIG_PATH = Path("/etc/mfaguard/mfaguard.yaml")
 
 
 def stack(mfa: Mfa, *, options: str = "", after: list[str] | None = None) -> list[str]:
@@ -310,3 +312,57 @@ def test_imported_dependency_or_bytecode_that_others_can_change_is_refused(
     pyc = next((tree / "devicedb" / "__pycache__").glob("verifier.*.pyc"))
     os.chmod(pyc, 0o666)  # noqa: S103 - a planted .pyc would run as root
     assert pamtester(service, "root", [totp_code(secret, 1)]).rc != 0
+
+
+# -- the caller's environment: under sudo and su it is the invoking user's ---------------------------------
+
+
+def test_a_line_without_config_never_reads_mfaguard_config(mfa: Mfa, pam_service: Callable[..., str]) -> None:
+    """`MFAGUARD_CONFIG=/etc/.pwd.lock sudo ...` once chose the settings (all defaults). A line without
+    config= reads /etc/mfaguard/mfaguard.yaml, whatever the environment says."""
+    user = unique("mfgtenv")
+    secret = mfa.enroll(user)
+    with_config = mfa.pam_line("auth", options="tries=1")
+    without = with_config.replace(f" config={mfa.config}", "")
+    assert "config=" not in without
+    service = pam_service([without])
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "MFAGUARD_CONFIG": str(mfa.config)}
+    wait_for_fresh_step()
+    code = totp_code(secret)
+    r = pamtester(service, user, [code], env=env)
+    assert r.rc != 0, r
+    assert mfa.audit(user) == [] or "accepted" not in [row.reason for row in mfa.audit(user)]
+    if not DEFAULT_CONFIG_PATH.exists():
+        assert f"{DEFAULT_CONFIG_PATH}: config file not found" in mfa.log.read_text()
+    # The same code through a line that names the file: it is the PAM line that counts.
+    assert pamtester(pam_service([with_config]), user, [code], env=env).rc == 0
+
+
+def test_python_variables_of_the_caller_are_ignored(mfa: Mfa, tmp_path: Path, pam_service: Callable[..., str]) -> None:
+    """pam_python's interpreter is isolated: PYTHONPATH (a sitecustomize.py that would run as root),
+    PYTHONHOME, PYTHONSTARTUP, PYTHONWARNINGS and the user site do not reach it; nor do HOME and TMPDIR
+    change anything mfaguard does."""
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    marker = tmp_path / "ran-as-root"
+    for name in ("sitecustomize.py", "usercustomize.py", "startup.py"):
+        (planted / name).write_text(f"open({str(marker)!r}, 'a').write({name!r})\n")
+    secret = mfa.enroll("root")
+    service = pam_service([mfa.pam_line("auth", options="tries=1")])
+    env = {
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        "PYTHONPATH": str(planted),
+        "PYTHONHOME": str(planted),
+        "PYTHONSTARTUP": str(planted / "startup.py"),
+        "PYTHONINSPECT": "1",
+        "PYTHONWARNINGS": "error",
+        "PYTHONUSERBASE": str(planted),
+        "HOME": str(planted),
+        "TMPDIR": str(planted),
+        "MFAGUARD_CONFIG": "/etc/.pwd.lock",
+    }
+    wait_for_fresh_step()
+    r = pamtester(service, "root", [totp_code(secret)], env=env)
+    assert r.rc == 0, (r, mfa.log.read_text()[-2000:])
+    assert not marker.exists()
+    assert sorted(p.name for p in planted.iterdir()) == ["sitecustomize.py", "startup.py", "usercustomize.py"]

@@ -91,7 +91,11 @@ def sshd(tmp_path: Path, mfa: Mfa) -> Iterator[Callable[..., Sshd]]:
         os.makedirs("/run/sshd", mode=0o755)
         created_run_sshd = True
 
-    def start(*, extra_sshd: str = "", first_auth_lines: str = "") -> Sshd:
+    def start(
+        *, extra_sshd: str = "", first_auth_lines: str = "", pam_text: Callable[[str], str] | None = None
+    ) -> Sshd:
+        """``pam_text``, given the password stack's service name, writes the PAM file instead of the
+        shipped one."""
         tag = secrets.token_hex(3)
         service = f"mfaguard-test-sshd-shipped-{tag}"
         password_service = f"mfaguard-test-password-{tag}"
@@ -99,7 +103,11 @@ def sshd(tmp_path: Path, mfa: Mfa) -> Iterator[Callable[..., Sshd]]:
         folder.mkdir(mode=0o700)
         for name, text in (
             (password_service, PASSWORD_STACK),
-            (service, first_auth_lines + shipped_pam_stack(mfa, password_service)),
+            (
+                service,
+                first_auth_lines
+                + (pam_text(password_service) if pam_text else shipped_pam_stack(mfa, password_service)),
+            ),
         ):
             path = PAM_D / name
             pam_files.append(path)
@@ -348,3 +356,44 @@ def test_no_channel_request_before_authentication(
     finally:
         transport.close()
     assert user.name  # the user exists; nothing authenticated it
+
+
+def test_pam_install_around_auth_include_behind_a_real_sshd(
+    tmp_path: Path, mfa: Mfa, sshd: Callable[..., Sshd], system_user: Callable[[], SystemUser]
+) -> None:
+    """`mfa-admin pam install --service sshd` on Debian's stack with the password written as
+    `auth include common-auth`: it used to add no publickey check (a key login was asked for the
+    password too). Now the check goes in front of the include: a key, then only the code; no key, the
+    password, then the code."""
+    pam_dir = tmp_path / "pam.d"
+    pam_dir.mkdir()
+    for name in ("sshd", "common-auth", "common-account"):
+        kept = PAM_D / f"{name}.mfaguard-orig"
+        require((PAM_D / name).is_file(), f"{PAM_D / name} missing: apt-get install openssh-server")
+        shutil.copy(kept if kept.is_file() else PAM_D / name, pam_dir / name)
+    debian = (pam_dir / "sshd").read_text()
+    require("\n@include common-auth\n" in debian, "Debian's sshd stack includes common-auth")
+    (pam_dir / "sshd").write_text(debian.replace("\n@include common-auth\n", "\nauth include common-auth\n"))
+    mfa.enroll("root")
+    admin = str(Path(sys.executable).parent / "mfa-admin")
+    r = subprocess.run(
+        [admin, "--config", str(mfa.config), "pam", "install", "--service", "sshd", "--pam-dir", str(pam_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r
+    installed = (pam_dir / "sshd").read_text()
+    assert "check=publickey-used" in installed
+    user, other_user = system_user(), system_user()
+    secret, other_secret = mfa.enroll(user.name), mfa.enroll(other_user.name)
+    key = make_user_key(tmp_path, user)
+    server = sshd(pam_text=lambda password: installed.replace("auth include common-auth", f"auth include {password}"))
+    wait_for_fresh_step(12)
+    right, other_code = totp_code(secret), totp_code(other_secret)
+    login = ssh_login(server.port, user.name, {"verification code": right, "password": user.password}, key=key)
+    assert login.output == user.name, server.log_text()
+    assert login.prompts == [CODE_PROMPT]
+    login = ssh_login(server.port, other_user.name, {"password": other_user.password, "verification code": other_code})
+    assert login.output == other_user.name, server.log_text()
+    assert login.prompts == [PASSWORD_PROMPT, CODE_PROMPT]
