@@ -129,7 +129,13 @@ def _actions(control: str) -> dict[str, str]:
     return dict(pair.partition("=")[::2] for pair in control.strip("[]").split()) if control.startswith("[") else {}
 
 
-def _can_skip(lines: list[_Line], index: int, target: int) -> bool:
+# Services whose process has the invoking user's real uid (setuid programs): there pam_rootok passes
+# only when root itself runs them. sshd and login run as root for every user, so pam_rootok passes
+# for everybody there.
+_CALLER_UID_SERVICES = frozenset({"su", "su-l", "sudo", "sudo-i"})
+
+
+def _can_skip(lines: list[_Line], index: int, target: int, service: str = "") -> bool:
     """Whether the line at ``index`` can end the stack or jump past the line at ``target`` (both in
     ``lines``, one type only, ``index`` before ``target``)."""
     line, goal = lines[index], lines[target]
@@ -143,7 +149,9 @@ def _can_skip(lines: list[_Line], index: int, target: int) -> bool:
     _, control, rest = _split(line.text)
     module = rest[0] if rest else ""
     if control == "sufficient":
-        return not module.endswith("pam_rootok.so")  # only root itself passes pam_rootok
+        # pam_rootok checks the real uid: only root itself passes it in su and sudo; in sshd, login
+        # and anything else a root daemon runs, it passes for every user.
+        return not (module.endswith("pam_rootok.so") and service in _CALLER_UID_SERVICES)
     actions = _actions(control)
     # What the module does when it succeeds: its success action, else its default one.
     if actions.get("success", actions.get("default", "")) == "done":
@@ -172,6 +180,20 @@ def _check_line(
     entry = rest[1] if len(rest) > 1 else ""
     options = dict(arg.partition("=")[::2] for arg in rest[2:] if "=" in arg)
     findings = []
+    relative = [f"{name}={options[name]}" for name in ("venv", "log", "config") if name in options]
+    relative = [option for option in relative if not option.split("=", 1)[1].startswith("/")]
+    if relative:
+        # Resolved against the working directory of whoever runs the program: a sudo caller's choice.
+        findings.append(
+            Finding(
+                "fail",
+                topic,
+                f"{file}: an mfaguard line has a relative path ({', '.join(relative)}): the module refuses it, "
+                "so every login through this line fails",
+                "give absolute paths on the PAM line",
+            )
+        )
+        return findings
     venv = options.get("venv") or str(Path(entry).parent.parent / ".venv")
     if not Path(entry).is_file():
         findings.append(
@@ -498,7 +520,7 @@ def check_stack(service: str, pam_dir: Path, *, account_required: bool, advice: 
             )
             continue
         # A code line after a check ends the stack only on mfaguard's own success: not a bypass.
-        bypass = [lines[i] for i in range(index) if i not in after_key and _can_skip(lines, i, index)]
+        bypass = [lines[i] for i in range(index) if i not in after_key and _can_skip(lines, i, index, service)]
         if kind == "auth":
             # Without a key the publickey check answers PAM_IGNORE and jumps over the code line after
             # it: every other line before mfaguard's code line is on that path.
@@ -567,7 +589,7 @@ def check_stack(service: str, pam_dir: Path, *, account_required: bool, advice: 
                 if not _is_check(check.text):
                     continue
                 for i in range(c):
-                    if lines[i] not in bypass and _can_skip(lines, i, c):
+                    if lines[i] not in bypass and _can_skip(lines, i, c, service):
                         findings.append(
                             Finding(
                                 "fail",

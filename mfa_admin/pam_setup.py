@@ -104,17 +104,24 @@ def split_line(line: str) -> tuple[str, str, list[str]]:
 
 
 def pam_lines(text: str) -> list[tuple[int, int, str]]:
-    """(first index, last index in text.splitlines(), line) of each PAM line: comments removed,
-    blanks squeezed, backslash continuations joined."""
+    """(first index, last index in text.splitlines(), line) of each PAM line, read as Linux-PAM reads
+    it (_pam_assemble_line): each physical line loses everything from its first ``#`` and its trailing
+    white space first, and only then does a final backslash join it to the next line. So a comment
+    ending in a backslash joins nothing, and a backslash followed by spaces still joins."""
     raw = text.splitlines()
     out: list[tuple[int, int, str]] = []
     i = 0
     while i < len(raw):
-        start, joined = i, raw[i]
-        while joined.endswith("\\") and i + 1 < len(raw):
-            i += 1
-            joined = joined[:-1] + " " + raw[i]
-        line = " ".join(joined.split("#", 1)[0].split())
+        start, pieces = i, []
+        while True:
+            piece = raw[i].split("#", 1)[0].rstrip()
+            if piece.endswith("\\") and i + 1 < len(raw):
+                pieces.append(piece[:-1])
+                i += 1
+                continue
+            pieces.append(piece)
+            break
+        line = " ".join(" ".join(pieces).split())
         if line:
             out.append((start, i, line))
         i += 1
@@ -326,7 +333,31 @@ def plan_install(service: str, pam_dir: str, config: str | None) -> Plan:
         path=path,
         pam_dir=Path(pam_dir),
     )
+    _refuse_unsound(service, Path(pam_dir), after)
     return Plan(path, before, after)
+
+
+def _refuse_unsound(service: str, pam_dir: Path, after: str) -> None:
+    """Read the planned stack as `mfa-admin doctor` does, in a copy of the PAM folder, and refuse an
+    install whose result doctor would fail: the lines around the insertion point (a jump that would
+    now land on mfaguard's lines, a pam_rootok, ...) can make a stack that skips a factor."""
+    import shutil
+    import tempfile
+
+    from mfa_admin import doctor
+
+    with tempfile.TemporaryDirectory(prefix="mfaguard-pam-plan-") as tmp:
+        copy = Path(tmp) / "pam.d"
+        shutil.copytree(pam_dir, copy, symlinks=True)
+        (copy / service).write_text(after)
+        findings = doctor.check_stack(service, copy, account_required=service in ACCOUNT_LINE)
+    failed = [f.text.replace(str(copy), str(pam_dir)) for f in findings if f.level == "fail"]
+    if failed:
+        raise InvalidInput(
+            f"{pam_dir / service}: with mfaguard added, this stack would still be unsafe, so nothing was changed: "
+            + "; ".join(failed)
+            + ". Fix the stack (see `mfa-admin doctor`), then run pam install again"
+        )
 
 
 def guard_root(status_requirement: Requirement, root_active_devices: int) -> None:

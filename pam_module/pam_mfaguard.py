@@ -40,9 +40,20 @@ def _option(argv, name):
     return None
 
 
+def _path_option(argv, name):
+    """A path option, absolute only: a relative one would be resolved against the working directory
+    of whoever runs the program (a sudo caller's), which that user chooses."""
+    value = _option(argv, name)
+    if value is not None and not os.path.isabs(value):
+        raise RuntimeError(f"{name}={value!r} on the PAM line is not an absolute path")
+    return value
+
+
 def _log_failure(argv, what):
     """Write a traceback where an administrator will look; never raise."""
-    path = _option(argv, "log") or _FALLBACK_LOG
+    path = _option(argv, "log")
+    if path is None or not os.path.isabs(path):
+        path = _FALLBACK_LOG  # a relative log= is refused elsewhere; never written relative to the caller
     try:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
@@ -147,7 +158,7 @@ _paths = None  # (source, lib) once sys.path and the TrustedImports finder are s
 def _import(argv, name):
     global _paths
     if _paths is None:
-        venv = _option(argv, "venv") or os.path.join(os.path.dirname(_HERE), ".venv")
+        venv = _path_option(argv, "venv") or os.path.join(os.path.dirname(_HERE), ".venv")
         lib = os.path.join(venv, "lib", f"python{sys.version_info[0]}.{sys.version_info[1]}", "site-packages")
         if not os.path.isdir(lib):
             raise RuntimeError(f"mfaguard venv not found: {lib} does not exist (set venv=PATH on the PAM line)")

@@ -25,6 +25,7 @@ from pam_helpers import (
 )
 
 from mfa_admin.doctor import Advice
+from mfa_admin.pam_setup import pam_lines
 
 MFA_ADMIN = str(Path(sys.executable).parent / "mfa-admin")
 
@@ -700,3 +701,64 @@ def test_every_command_doctor_suggests_parses_and_works(mfa: Mfa, pam_copy: Path
         parses(Advice(str(mfa.config)).command("enroll", "totp", user).strip("`"))
     parses(Advice(str(mfa.config)).command("init").strip("`"))
     assert any("uninstall" in c for c in seen) and any("install --service other" in c for c in seen), seen
+
+
+def test_doctor_fails_pam_rootok_before_mfaguard_where_root_runs_every_login(mfa: Mfa, pam_copy: Path) -> None:
+    # The fault: pam_rootok was taken to pass for root alone; it checks the real uid, which is 0 in
+    # sshd and login for every user, so `auth sufficient pam_rootok.so` there skipped both factors.
+    mfa.enroll("root")
+    for service in ("sshd", "sudo"):
+        assert admin(mfa, "pam", "install", "--service", service, "--pam-dir", str(pam_copy)).returncode == 0
+        text = (pam_copy / service).read_text()
+        (pam_copy / service).write_text("auth sufficient pam_rootok.so\n" + text)
+    findings = doctor(mfa, pam_copy)
+    assert any(f["level"] == "fail" and "pam_rootok" in f["text"] for f in findings if f["topic"] == "PAM sshd")
+    # sudo runs with the caller's real uid: there pam_rootok passes for root alone.
+    assert not any("pam_rootok" in f["text"] for f in findings if f["topic"] == "PAM sudo")
+
+
+def test_continuations_are_read_as_linux_pam_reads_them() -> None:
+    # The faults: a comment ending in a backslash was joined to the next line (Linux-PAM drops the
+    # comment first), and a backslash followed by spaces was not (Linux-PAM trims them first).
+    text = (
+        "# Debian's lines follow \\\n"
+        "auth [success=2 default=ignore] pam_permit.so\n"
+        "auth optional pam_echo.so pre \\  \n"
+        "auth [success=1 default=ignore] pam_unix.so nullok \\\t\n"
+        "auth requisite pam_deny.so # a comment \\\n"
+        "auth required pam_permit.so\n"
+    )
+    assert [line for _, _, line in pam_lines(text)] == [
+        "auth [success=2 default=ignore] pam_permit.so",
+        "auth optional pam_echo.so pre auth [success=1 default=ignore] pam_unix.so nullok auth requisite pam_deny.so",
+        "auth required pam_permit.so",
+    ]
+
+
+@pytest.mark.parametrize("option", ["venv=v", "log=d/rel.log", "config=mfaguard.yaml"])
+def test_doctor_fails_a_relative_path_on_an_mfaguard_line(mfa: Mfa, pam_copy: Path, option: str) -> None:
+    mfa.enroll("root")
+    assert admin(mfa, "pam", "install", "--service", "sudo", "--pam-dir", str(pam_copy)).returncode == 0
+    text = (pam_copy / "sudo").read_text()
+    line = next(x for x in text.splitlines() if "pam_mfaguard.py" in x)
+    (pam_copy / "sudo").write_text(text.replace(line, f"{line} {option}", 1))
+    findings = [f for f in doctor(mfa, pam_copy) if f["topic"] == "PAM sudo"]
+    assert any(f["level"] == "fail" and "relative path" in f["text"] for f in findings), findings
+
+
+def test_install_refuses_a_stack_whose_jump_would_land_on_its_lines(mfa: Mfa, pam_copy: Path) -> None:
+    # The fault: a jump over the password include landed, after install, on mfaguard's after-key code
+    # line, so a login without a key needed only the code; doctor saw it, install did not.
+    mfa.enroll("root")
+    before = (pam_copy / "sshd").read_text()
+    jumped = before.replace(
+        "@include common-auth",
+        "auth [success=1 default=ignore] pam_succeed_if.so quiet user = nobody\n@include common-auth",
+        1,
+    )
+    assert jumped != before
+    (pam_copy / "sshd").write_text(jumped)
+    r = admin(mfa, "pam", "install", "--service", "sshd", "--pam-dir", str(pam_copy))
+    assert r.returncode == 5 and "would still be unsafe" in r.stderr, r
+    assert (pam_copy / "sshd").read_text() == jumped
+    assert not (pam_copy / "sshd.mfaguard-orig").exists()
