@@ -321,14 +321,7 @@ class App:
 
     def cmd_enroll_ssh_key(self) -> int:
         a = self.args
-        if a.file == "-":
-            line = sys.stdin.readline()
-        else:
-            try:
-                with open(a.file, encoding="utf-8", errors="strict") as f:
-                    line = f.readline()
-            except (OSError, UnicodeDecodeError) as exc:
-                raise CliError(f"{a.file}: cannot be read ({exc})", EXIT_USAGE) from None
+        line = read_input_line(a.file, "public key")
         device = DeviceManager(self.store).enroll_ssh_key(a.user, line, admin_context(), label=a.label)
         self._warn_if_not_an_account(a.user)
         options = ", ".join(device.params.get("options", [])) or "none"
@@ -603,23 +596,18 @@ class App:
         return Inventory(self.store)
 
     def cmd_tokens_import(self) -> int:
-        from pathlib import Path
 
         from devicedb.importers import csvfile, pskc
 
         a = self.args
-        try:
-            data = Path(a.file).read_bytes()
-        except OSError as exc:
-            raise CliError(f"{a.file}: {exc.strerror or exc}", EXIT_USAGE) from None
+        data = read_input_file(a.file, 64 << 20, f"{a.format} token file")
         if a.format == "pskc":
             key = None
             if a.key_file:
                 key = read_seed(a.key_file, prompt="")
             password = None
             if a.password_file:
-                with open(a.password_file, encoding="utf-8") as f:
-                    password = f.readline().rstrip("\r\n")
+                password = read_input_line(a.password_file, "password", 4096).rstrip("\r\n")
             elif a.password:
                 password = (
                     getpass.getpass("PSKC password: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\r\n")
@@ -932,10 +920,9 @@ def read_seed(path: str | None, prompt: str = "Token seed (hex or base32): ") ->
     import binascii
 
     if path in (None, "-"):
-        text = getpass.getpass(prompt) if sys.stdin.isatty() else sys.stdin.readline()
+        text = getpass.getpass(prompt) if sys.stdin.isatty() else read_input_line("-", "seed", 4096)
     else:
-        with open(path, encoding="ascii", errors="strict") as f:
-            text = f.readline()
+        text = read_input_line(path, "seed", 4096)
     text = text.strip().replace(" ", "")
     if not text:
         raise CliError("no seed given; put the hex or base32 seed on standard input or in --secret-file", EXIT_USAGE)
@@ -945,6 +932,44 @@ def read_seed(path: str | None, prompt: str = "Token seed (hex or base32): ") ->
         return base64.b32decode(text.upper() + "=" * (-len(text) % 8))
     except (ValueError, binascii.Error):
         raise CliError("the seed is neither hex nor base32", EXIT_REFUSED) from None
+
+
+def read_input_file(path: str, limit: int, what: str) -> bytes:
+    """A file the administrator names (a key, a seed, an import): a regular file of at most ``limit``
+    bytes. /dev/zero or a FIFO must give an error, not fill the memory or hang."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        raise CliError(f"{path}: cannot be read ({exc.strerror or exc})", EXIT_USAGE) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CliError(f"{path} is not a regular file; give the {what} as a file", EXIT_USAGE)
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:
+            raise CliError(f"{path} is larger than {limit} bytes: not a {what}", EXIT_USAGE)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def read_input_line(path: str, what: str, limit: int = 65536) -> str:
+    """The first line of a small text file, or of standard input for ``-``, at most ``limit`` bytes."""
+    if path == "-":
+        line = sys.stdin.readline(limit + 1)
+        if len(line) > limit:
+            raise CliError(f"standard input: the {what} is longer than {limit} characters", EXIT_USAGE)
+        return line
+    data = read_input_file(path, limit, what)
+    try:
+        return data.decode("utf-8", errors="strict").splitlines()[0] if data else ""
+    except UnicodeDecodeError:
+        raise CliError(f"{path}: the {what} is not UTF-8 text", EXIT_USAGE) from None
 
 
 def read_user_file(path: str, limit: int = 4096, owner: int | None = None) -> bytes:

@@ -196,3 +196,43 @@ def test_enroll_totp_eof_at_the_prompt_says_no_code_was_entered(config: Path) ->
     rc, _out, err = run_cli(config, "enroll", "totp", "root", "--no-qr", stdin="000000\n")
     assert rc == 1 and "Check the phone's clock" in err, err
     assert os.path.exists(config)
+
+
+# -- file arguments: a regular file of a sane size, never /dev/zero or a FIFO -------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["enroll", "ssh-key", "root", "{f}"],
+        ["tokens", "import", "csv", "{f}"],
+        ["tokens", "import", "pskc", "{f}"],
+        ["enroll", "hotp", "root", "--secret-file", "{f}"],
+    ],
+)
+@pytest.mark.parametrize("kind", ["zero", "fifo"])
+def test_file_arguments_refuse_devices_and_fifos(config: Path, tmp_path: Path, args: list[str], kind: str) -> None:
+    # The fault: /dev/zero grew the process by gigabytes, and a FIFO hung the command.
+    if kind == "zero":
+        path = "/dev/zero"
+    else:
+        path = str(tmp_path / "fifo")
+        os.mkfifo(path)
+    kept = state(config)
+    rc, _out, err = run_cli(config, *[a.replace("{f}", path) for a in args])
+    assert rc == 2 and "not a regular file" in err, err
+    assert state(config) == kept
+
+
+def test_a_file_argument_larger_than_its_kind_is_refused(config: Path, tmp_path: Path) -> None:
+    big = tmp_path / "big.pub"
+    big.write_bytes(b"sk-ssh-ed25519@openssh.com " + b"A" * 70000 + b"\n")
+    rc, _out, err = run_cli(config, "enroll", "ssh-key", "root", str(big))
+    assert rc == 2 and "larger than" in err, err
+    rc, _out, err = run_cli(config, "enroll", "ssh-key", "root", "-")
+    assert rc != 0
+
+
+def test_standard_input_is_read_to_a_limit(config: Path) -> None:
+    rc, _out, err = run_cli(config, "enroll", "ssh-key", "root", "-", stdin="A" * 200000)
+    assert rc == 2 and "longer than" in err, err
