@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
+from typing import TextIO
 
 from devicedb.errors import UnsafePathError
 
@@ -111,3 +112,11 @@ def make_private_dir(path: str, what: str, mode: int = 0o700) -> None:
         os.makedirs(path, mode=mode, exist_ok=True)
         os.chmod(path, mode)
     check_folder(path, what)
+
+
+def open_private_log(path: str) -> TextIO:
+    """A log file for appending: its folder made 0700 if missing, the file created 0600, and never
+    opened through a symlink (the PAM module and mfa-radiusd run as root and share it)."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    return os.fdopen(fd, "a", encoding="utf-8")

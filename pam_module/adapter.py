@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from devicedb.errors import ConfigError
+from devicedb.fsafety import open_private_log
 from devicedb.models import PUBLIC_FAILURE_MESSAGE, Context, Requirement, Result
 from devicedb.settings import Settings, load_settings
 from devicedb.verifier import Verifier
@@ -86,9 +87,7 @@ def _setup_log(path: str) -> None:
     if path in _log_ready:
         return
     try:
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        handler = logging.StreamHandler(os.fdopen(fd, "a", encoding="utf-8"))
+        handler = logging.StreamHandler(open_private_log(path))
         handler.setFormatter(logging.Formatter(f"%(asctime)s mfaguard pam[{os.getpid()}]: %(levelname)s %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)

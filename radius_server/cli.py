@@ -17,6 +17,7 @@ from typing import Any
 
 from devicedb import Settings, Store, Verifier, load_settings
 from devicedb.errors import ConfigError, MfaguardError, UnsafePathError
+from devicedb.fsafety import open_private_log
 from radius_server import protocol as p
 from radius_server.firstfactor import FirstFactor, check_service
 from radius_server.server import ClientTable, RadiusServer, bind_socket, build_clients
@@ -63,11 +64,7 @@ def log_to_file(settings: Settings) -> None:
     """Warnings and tracebacks also go to logging.file (the front ends' daemon log); stderr has everything."""
     path = settings.logging.file
     try:
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        # Mode 0600 and no symlink followed, as the PAM module opens the same file.
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        stream = os.fdopen(fd, "a", encoding="utf-8")
-        handler = logging.StreamHandler(stream)
+        handler = logging.StreamHandler(open_private_log(path))
     except OSError as exc:
         log.warning("cannot write the log file %s (%s); logging to stderr only", path, exc.strerror or exc)
         return

@@ -210,7 +210,11 @@ class DatabaseThread:
                     # otp-only: the requirement, then (when a code is required) the verification in
                     # this same group commit: one trip to this thread per request.
                     user_name, _, context = job.args
-                    requirement = self.verifier.requirement(user_name, context)
+                    try:
+                        requirement = self.verifier.requirement(user_name, context)
+                    except Exception as exc:  # never raises by contract; if it did: a Reject, and the thread lives
+                        results.append((job.future, None, exc))
+                        continue
                     if requirement.requirement is Requirement.REQUIRED:
                         verify.append(job)
                     else:

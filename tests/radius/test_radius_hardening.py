@@ -59,3 +59,43 @@ def test_dropped_packet_lines_are_capped_in_all_not_only_per_source(caplog: pyte
         for i in range(5000):
             ratelog.warning(f"unknown:10.{i // 256}.{i % 256}.1", "dropped a packet from %s", f"10.0.0.{i}")
     assert len(caplog.records) == MAX_LOG_LINES_PER_MINUTE
+
+
+def test_a_raising_requirement_rejects_its_request_and_the_database_thread_lives_on() -> None:
+    # Verifier.requirement never raises by contract; were it to, the otp job ran outside any guard and
+    # the exception would end the database thread, leaving every later request unanswered. The real
+    # core cannot be made to raise here, so a stand-in raises for one user.
+    import asyncio
+
+    from devicedb.models import Decision, Requirement, RequirementDecision, Result
+    from radius_server.server import DatabaseThread
+
+    class Core:
+        def requirement(self, user: bytes, context: object) -> RequirementDecision:
+            if user == b"broken":
+                raise RuntimeError("the core broke")
+            return RequirementDecision(Requirement.REQUIRED, "second factor required", user.decode())
+
+        def verify_batch(self, attempts: list[tuple[bytes, str, object]]) -> list[Decision]:
+            return [Decision(Result.ACCEPTED, "accepted", u.decode()) for u, _, _ in attempts]
+
+        def close(self) -> None:
+            pass
+
+    async def run() -> tuple[BaseException | None, Decision]:
+        db = DatabaseThread(asyncio.get_running_loop(), Core())  # type: ignore[arg-type]
+        try:
+            broken = db.submit("otp", b"broken", "123456", None)
+            try:
+                await asyncio.wait_for(broken, 5)
+                failure = None
+            except RuntimeError as exc:
+                failure = exc
+            fine = await asyncio.wait_for(db.submit("otp", b"alice", "123456", None), 5)
+            return failure, fine
+        finally:
+            db.stop()
+
+    failure, fine = asyncio.run(run())
+    assert isinstance(failure, RuntimeError)
+    assert fine.accepted and fine.user == "alice"
